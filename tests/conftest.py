@@ -1,0 +1,41 @@
+"""Test configuration shared by the whole suite.
+
+Telemetry is switched off and gloo is pinned to the loopback interface before any test
+module imports mlflow, prefect or torch.distributed.
+"""
+
+import os
+
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data_mirror() -> Path:
+    configured = os.environ.get("ATMOREP_DATA_MIRROR")
+    return Path(configured) if configured else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_mirror() -> Path:
+    """The folder of real ERA5 and ImageNet files (ATMOREP_DATA_MIRROR, else ../shared/data)."""
+    mirror = _data_mirror()
+    if not (mirror / "era5").is_dir():
+        pytest.fail(
+            f"real test data not found at {mirror}: set ATMOREP_DATA_MIRROR to the folder "
+            "that holds era5/ and images/"
+        )
+    return mirror
+
+
+@pytest.fixture(scope="session")
+def uk_t2m_grib(data_mirror: Path) -> Path:
+    """ERA5 hourly 2 m temperature over the UK, March 2019 (GRIB1, 744 x 33 x 49)."""
+    return data_mirror / "era5" / "era5-2mt-2019-03-uk.grib"
