@@ -1,0 +1,150 @@
+"""Catalog of ingested datasets: one YAML entry per dataset, and opening a dataset by name."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pydantic
+import xarray as xr
+import yaml
+
+from data_catalog.schema import NAME_PATTERN, DatasetEntry
+from data_catalog.workspace import atmorep_home, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetNotFoundError(KeyError):
+    """No catalog entry with the requested name."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; a plain message reads better in tracebacks.
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidCatalogEntryError(ValueError):
+    """A catalog file exists but does not parse or validate."""
+
+
+def dataset_digest(source_sha256s: Iterable[str], parameters: Mapping[str, object]) -> str:
+    """Return the sha256 hex digest of an ingest recipe.
+
+    The recipe is the sorted source sha256 digests plus the ingest parameters, encoded as
+    JSON with sorted keys. The source order and the file paths do not change the digest.
+    `parameters` must be JSON serialisable.
+    """
+    recipe = {"sources": sorted(source_sha256s), "parameters": dict(parameters)}
+    encoded = json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(encoded).hexdigest()
+
+
+class Catalog:
+    """Dataset entries under `root/catalog/<name>.yaml` and Zarr stores under `root/data/`.
+
+    `root` defaults to the working folder (`$ATMOREP_HOME`, else `./runs`).
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root).expanduser().resolve() if root is not None else atmorep_home()
+        self.entries_dir = self.root / "catalog"
+        self.data_dir = self.root / "data"
+
+    def __repr__(self) -> str:
+        return f"Catalog(root={str(self.root)!r})"
+
+    def entry_path(self, name: str) -> Path:
+        _check_name(name)
+        return self.entries_dir / f"{name}.yaml"
+
+    def default_zarr_path(self, name: str) -> Path:
+        """Return where ingest writes the dataset `name`: `root/data/<name>.zarr`."""
+        _check_name(name)
+        return self.data_dir / f"{name}.zarr"
+
+    def resolve_zarr_path(self, entry: DatasetEntry) -> Path:
+        """Return the absolute path of an entry's Zarr store (relative paths start at `root`)."""
+        path = Path(entry.zarr_path)
+        return path if path.is_absolute() else self.root / path
+
+    def names(self) -> list[str]:
+        """Return the sorted names of all published datasets."""
+        if not self.entries_dir.is_dir():
+            return []
+        return sorted(path.stem for path in self.entries_dir.glob("*.yaml"))
+
+    def __contains__(self, name: str) -> bool:
+        return self.entry_path(name).is_file()
+
+    def publish(self, entry: DatasetEntry) -> Path:
+        """Write `entry` as YAML atomically, replacing an older entry of the same name."""
+        path = self.entry_path(entry.name)
+        text = yaml.safe_dump(entry.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        atomic_write_text(path, text)
+        logger.info("published dataset %s (digest %s) to %s", entry.name, entry.digest[:12], path)
+        return path
+
+    def remove(self, name: str) -> bool:
+        """Delete the entry `name`; return False when there was none. The Zarr store is left alone."""
+        path = self.entry_path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        logger.info("removed catalog entry %s", path)
+        return True
+
+    def get(self, name: str) -> DatasetEntry:
+        """Load and validate the entry `name`.
+
+        Raises DatasetNotFoundError (a KeyError) listing the known names when there is no
+        entry, and InvalidCatalogEntryError naming the file when it does not validate.
+        """
+        path = self.entry_path(name)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            known = ", ".join(self.names()) or "none"
+            raise DatasetNotFoundError(
+                f"dataset {name!r} not found in catalog {self.entries_dir} (known datasets: {known}). "
+                "Ingest it first with tasks.ingest.ingest_era5."
+            ) from None
+
+        try:
+            return DatasetEntry.model_validate(yaml.safe_load(text))
+        except (yaml.YAMLError, pydantic.ValidationError) as error:
+            raise InvalidCatalogEntryError(
+                f"catalog entry {path} is invalid: {error}. Re-ingest the dataset or delete the file."
+            ) from error
+
+    def open_dataset(self, name: str) -> xr.Dataset:
+        """Open the normalised dataset `name` lazily (dask arrays) with `xr.open_zarr`.
+
+        Raises FileNotFoundError when the store is missing, and InvalidCatalogEntryError
+        when the store's digest differs from the entry's, which means they come from
+        different ingest runs.
+        """
+        entry = self.get(name)
+        path = self.resolve_zarr_path(entry)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"Zarr store {path} of dataset {name!r} not found. Re-ingest the dataset."
+            )
+
+        dataset = xr.open_zarr(path, consolidated=False)
+        stored_digest = dataset.attrs.get("digest")
+        if stored_digest != entry.digest:
+            raise InvalidCatalogEntryError(
+                f"Zarr store {path} has digest {stored_digest!r} but catalog entry {self.entry_path(name)} "
+                f"has {entry.digest!r}. Re-ingest dataset {name!r}."
+            )
+        return dataset
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or re.fullmatch(NAME_PATTERN, name) is None:
+        raise ValueError(f"invalid dataset name {name!r}: use letters, digits, '.', '_' and '-'")

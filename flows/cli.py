@@ -1,0 +1,199 @@
+"""The `atmorep` command: one subcommand per flow, plus `lineage`.
+
+Each flow subcommand builds its options from the flow's pydantic parameter model and
+runs the same flow function that the Prefect deployment runs. Without `PREFECT_API_URL`
+Prefect starts a temporary local server for the run; with it, the run is recorded by
+that server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+# Telemetry must be off before mlflow or prefect is imported.
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+from flows.params import (  # noqa: E402
+    EvaluateParams,
+    FinetuneParams,
+    IngestEra5Params,
+    PipelineParams,
+    PretrainParams,
+)
+
+logger = logging.getLogger("atmorep")
+
+
+def _option_kwargs(annotation: Any) -> dict[str, Any]:
+    """Return argparse keyword arguments for a pydantic field type."""
+    origin = typing.get_origin(annotation)
+    arguments = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        non_null = [argument for argument in arguments if argument is not type(None)]
+        return _option_kwargs(non_null[0])
+    if origin is typing.Literal:
+        return {"choices": list(arguments)}
+    if origin is list:
+        return {"nargs": "+", "type": arguments[0]}
+    if origin is tuple:
+        return {"nargs": len(arguments), "type": arguments[0], "metavar": ("START", "END")}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": annotation}
+
+
+def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], positional: Sequence[str] = ()) -> None:
+    """Add one option per field of `model`; fields in `positional` become positional arguments."""
+    for name, field in model.model_fields.items():
+        kwargs = _option_kwargs(field.annotation)
+        default = field.get_default(call_default_factory=True)
+        help_text = field.description or ""
+        if name in positional:
+            kwargs["nargs"] = "+"
+            parser.add_argument(name, help=help_text, **{k: v for k, v in kwargs.items() if k != "metavar"})
+            continue
+        if default is not None and default != []:
+            help_text += f" (default: {default})"
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=help_text, **kwargs)
+
+
+def build_params(model: type[BaseModel], arguments: argparse.Namespace) -> BaseModel:
+    """Validate the options the user gave against the flow's parameter model."""
+    given = {name: getattr(arguments, name) for name in model.model_fields if getattr(arguments, name, None) is not None}
+    return model(**given)
+
+
+def _run_ingest(params: IngestEra5Params) -> dict:
+    from flows.ingest import ingest_era5_flow
+
+    return ingest_era5_flow(params)
+
+
+def _run_pretrain(params: PretrainParams) -> dict:
+    from flows.pretrain import pretrain_atmorep_flow
+
+    return pretrain_atmorep_flow(params)
+
+
+def _run_evaluate(params: EvaluateParams) -> dict:
+    from flows.evaluate import evaluate_zero_shot_flow
+
+    return evaluate_zero_shot_flow(params)
+
+
+def _run_finetune(params: FinetuneParams) -> dict:
+    from flows.finetune import finetune_atmorep_flow
+
+    return finetune_atmorep_flow(params)
+
+
+def _run_pipeline(params: PipelineParams) -> dict:
+    from flows.pipeline import pipeline_flow
+
+    return pipeline_flow(params)
+
+
+# (command, subcommand or None, parameter model, runner, positional fields, help)
+FLOW_COMMANDS: list[tuple[str, str | None, type[BaseModel], Callable, tuple[str, ...], str]] = [
+    ("ingest", "era5", IngestEra5Params, _run_ingest, ("sources",),
+     "ingest ERA5 GRIB or NetCDF files into a normalised Zarr dataset (flow ingest/era5)"),
+    ("pretrain", "atmorep", PretrainParams, _run_pretrain, (),
+     "pretrain an AtmoRep-style model with torchrun (flow pretrain/atmorep)"),
+    ("evaluate", "zero-shot", EvaluateParams, _run_evaluate, (),
+     "score a model zero-shot against baselines (flow evaluate/zero-shot)"),
+    ("finetune", "atmorep", FinetuneParams, _run_finetune, (),
+     "fine-tune a pretrained model for one task and evaluate it (flow finetune/atmorep)"),
+    ("pipeline", None, PipelineParams, _run_pipeline, (),
+     "run ingest, pretrain, zero-shot evaluation and fine-tuning (flow pipeline/end-to-end)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atmorep",
+        description="Self-supervised pretraining of AtmoRep-style models on ERA5. MLflow store: "
+        "MLFLOW_TRACKING_URI, else sqlite under $ATMOREP_HOME (default ./runs).",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    for command, subcommand, model, runner, positional, help_text in FLOW_COMMANDS:
+        command_parser = commands.add_parser(command, help=help_text, description=help_text)
+        if subcommand is not None:
+            subcommands = command_parser.add_subparsers(dest="subcommand", required=True)
+            command_parser = subcommands.add_parser(subcommand, help=help_text, description=help_text)
+        add_model_options(command_parser, model, positional)
+        command_parser.set_defaults(model=model, runner=runner)
+
+    lineage = commands.add_parser(
+        "lineage", help="print the chain from a model to its runs and data",
+        description="Print the chain from a registered model back to its runs and source files.",
+    )
+    lineage.add_argument("model_uri", help="models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS or a run id")
+    lineage.add_argument("--format", choices=["text", "json"], default="text", help="output format (default: text)")
+    lineage.set_defaults(runner=None)
+    return parser
+
+
+def format_summary(summary: dict) -> str:
+    """Render the pipeline summary: the stage runs, then model against baseline scores."""
+    lines = ["", "Stages", f"  {'stage':<10} {'MLflow run':<34} output"]
+    for stage in summary["stages"]:
+        lines.append(f"  {stage['stage']:<10} {stage['run_id']:<34} {stage['output']}")
+
+    for title, rows in (("Zero-shot scores", summary["zero_shot"]), ("Fine-tuned scores", summary["finetuned"])):
+        lines += ["", title, f"  {'task':<14} {'variable':<9} {'lead/gap':<10} {'model':>8}  baseline"]
+        for row in rows:
+            lines.append(
+                f"  {row['task']:<14} {row['variable']:<9} {row['lead_or_gap']:<10} "
+                f"{row['model']:>8.3f}  {row['baseline']} {row['baseline_value']:.3f}"
+            )
+    lines += [
+        "",
+        "RMSE in physical units (K for t2m), cosine-latitude weighted, on the test period.",
+        "Open the UIs with `make ui`: Prefect at http://127.0.0.1:4200, MLflow at http://127.0.0.1:5000",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if arguments.command == "lineage":
+        from tasks.lineage import format_lineage, model_lineage
+
+        lineage = model_lineage(arguments.model_uri)
+        output = json.dumps(lineage, indent=2) if arguments.format == "json" else format_lineage(lineage)
+        sys.stdout.write(output + "\n")
+        return 0
+
+    try:
+        params = build_params(arguments.model, arguments)
+    except ValidationError as error:
+        parser.error(str(error))
+    result = arguments.runner(params)
+
+    if arguments.command == "pipeline":
+        sys.stdout.write(format_summary(result) + "\n")
+    else:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

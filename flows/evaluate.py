@@ -1,0 +1,62 @@
+"""`evaluate/zero-shot`: score a pretrained model on the test period against baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import xarray as xr
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from data_catalog import Catalog
+from flows.common import stage_run
+from flows.params import EvaluateParams
+from models.checkpoint import load_model
+from tasks.evaluate import evaluate_zero_shot
+from tasks.registry import download_checkpoint, resolve_model
+from tasks.reporting import log_evaluation
+from tasks.tracking import log_dataset_input
+
+fetch_checkpoint = task(download_checkpoint, name="download-checkpoint", retries=2, retry_delay_seconds=5)
+score = task(evaluate_zero_shot, name="evaluate-zero-shot")
+report = task(log_evaluation, name="log-evaluation", retries=2, retry_delay_seconds=5)
+
+
+def evaluate_and_report(
+    run_id: str, model, config, dataset: xr.Dataset, window_stride: int, batch_size: int, title: str
+) -> dict:
+    """Score `model` on the test period of `dataset`, log everything to the run and to Prefect.
+
+    Returns the run id, the flat metrics and the score table rows.
+    """
+    result = score(model, config, dataset, window_stride=window_stride, batch_size=batch_size)
+    evaluation = report(run_id, result, title)
+
+    artifact_key = title.lower().replace(" ", "-")
+    create_table_artifact(evaluation.rows, key=f"{artifact_key}-scores", description=f"{title}: RMSE of the model and baselines")
+    create_markdown_artifact(evaluation.markdown, key=f"{artifact_key}-report", description=title)
+    get_run_logger().info("%s\n%s", title, evaluation.markdown)
+    return {"run_id": run_id, "metrics": result.metrics, "rows": evaluation.rows}
+
+
+@flow(name="evaluate", flow_run_name="zero-shot")
+def evaluate_zero_shot_flow(params: EvaluateParams = EvaluateParams()) -> dict:
+    """Evaluate forecasting, temporal interpolation and downscaling with no further training."""
+    resolved = resolve_model(params.model_uri)
+    model, config = load_model(fetch_checkpoint(resolved.run_id))
+
+    catalog = Catalog()
+    entry = catalog.get(params.dataset or config.train.dataset)
+    dataset = catalog.open_dataset(entry.name)
+
+    with stage_run(
+        "evaluate",
+        params,
+        upstream_run_id=params.upstream_run_id or resolved.run_id,
+        dataset=entry.name,
+        dataset_digest=entry.digest,
+    ) as run:
+        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.digest, context="evaluation")
+        return evaluate_and_report(
+            run.run_id, model, config, dataset, params.window_stride, params.batch_size, "Zero-shot evaluation"
+        )

@@ -1,0 +1,122 @@
+"""Flow parameters, one pydantic model per flow.
+
+Prefect renders these models as validated forms in its UI, the CLI builds its options
+from them, and every stage logs its model to MLflow as `params.json`. The defaults run
+the demo: the UK hourly 2 m temperature of March 2019.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEMO_SAMPLE = "era5-2mt-2019-03-uk"
+DEMO_DATASET = "era5-t2m-uk-2019-03"
+DEMO_TRAIN_PERIOD = ("2019-03-01T00:00", "2019-03-24T23:00")
+DEMO_TEST_PERIOD = ("2019-03-25T00:00", "2019-03-31T23:00")
+DEFAULT_MODEL_URI = "models:/atmorep/latest"
+
+
+class FlowParams(BaseModel):
+    """Fields shared by every stage: where it is tracked and how it links to others."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str = Field("atmorep", description="MLflow experiment that receives the run")
+    parent_run_id: str | None = Field(
+        None, description="MLflow run to nest this stage's run under (set by the pipeline)"
+    )
+    upstream_run_id: str | None = Field(
+        None,
+        description="MLflow run of the stage that produced this stage's input "
+        "(found from the dataset or model when not given)",
+    )
+
+
+class IngestEra5Params(FlowParams):
+    """Parameters of `ingest/era5`."""
+
+    sources: list[str] = Field(
+        [f"sample:{DEMO_SAMPLE}"],
+        min_length=1,
+        description="GRIB or NetCDF files or globs, or sample:NAME for a catalog sample",
+    )
+    name: str = Field(DEMO_DATASET, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="dataset name in the catalog")
+    variables: list[str] | None = Field(None, description="ERA5 short names to keep (default: all)")
+    train_period: tuple[str, str] = Field(
+        DEMO_TRAIN_PERIOD, description="first and last time step of the training period (ISO 8601)"
+    )
+    test_period: tuple[str, str] = Field(
+        DEMO_TEST_PERIOD, description="first and last time step of the test period (ISO 8601)"
+    )
+    time_chunk: int = Field(24, ge=1, description="time steps per Zarr chunk")
+
+
+class TrainingParams(FlowParams):
+    """Settings shared by pretraining and fine-tuning."""
+
+    max_steps: int | None = Field(None, ge=1, description="optimiser steps (default: the preset's)")
+    batch_size: int | None = Field(None, ge=1, description="samples per step on each rank (default: the preset's)")
+    learning_rate: float | None = Field(None, gt=0, description="peak learning rate (default: the preset's)")
+    seed: int | None = Field(None, ge=0, description="random seed (default: the preset's)")
+    nproc_per_node: int = Field(
+        2, ge=1, description="torchrun processes: CPU cores with gloo, or GPUs with nccl"
+    )
+
+
+class PretrainParams(TrainingParams):
+    """Parameters of `pretrain/atmorep`."""
+
+    dataset: str = Field(DEMO_DATASET, description="catalog name of the normalised dataset")
+    preset: str = Field("demo", description="model and training preset: a name in models/presets or a YAML path")
+    register_as: str = Field("atmorep", description="registered model name in MLflow")
+
+
+class EvaluateParams(FlowParams):
+    """Parameters of `evaluate/zero-shot`."""
+
+    model_uri: str = Field(DEFAULT_MODEL_URI, description="models:/NAME/VERSION, models:/NAME@ALIAS or a run id")
+    dataset: str | None = Field(None, description="catalog dataset (default: the one the model was trained on)")
+    window_stride: int = Field(6, ge=1, description="time steps between evaluation windows")
+    batch_size: int = Field(8, ge=1, description="windows per forward pass")
+
+
+class FinetuneParams(TrainingParams):
+    """Parameters of `finetune/atmorep`."""
+
+    model_uri: str = Field(DEFAULT_MODEL_URI, description="pretrained model to start from")
+    task: Literal["forecast", "downscaling"] = Field("forecast", description="task to fine-tune for")
+    register_as: str | None = Field(None, description="registered model name (default: atmorep-TASK)")
+    window_stride: int = Field(6, ge=1, description="time steps between evaluation windows")
+
+    @property
+    def registered_name(self) -> str:
+        return self.register_as or f"atmorep-{self.task}"
+
+
+class PipelineParams(BaseModel):
+    """Parameters of `pipeline/end-to-end`: ingest, pretrain, evaluate, fine-tune."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str = Field("atmorep", description="MLflow experiment that receives every run")
+    sources: list[str] = IngestEra5Params.model_fields["sources"]
+    name: str = IngestEra5Params.model_fields["name"]
+    variables: list[str] | None = IngestEra5Params.model_fields["variables"]
+    train_period: tuple[str, str] = IngestEra5Params.model_fields["train_period"]
+    test_period: tuple[str, str] = IngestEra5Params.model_fields["test_period"]
+    preset: str = PretrainParams.model_fields["preset"]
+    pretrain_steps: int | None = Field(None, ge=1, description="pretraining steps (default: the preset's)")
+    finetune_task: Literal["forecast", "downscaling"] = FinetuneParams.model_fields["task"]
+    finetune_steps: int | None = Field(None, ge=1, description="fine-tuning steps (default: the preset's)")
+    batch_size: int | None = TrainingParams.model_fields["batch_size"]
+    nproc_per_node: int = TrainingParams.model_fields["nproc_per_node"]
+
+    @model_validator(mode="after")
+    def _check_periods(self) -> "PipelineParams":
+        if self.train_period[1] >= self.test_period[0]:
+            raise ValueError(
+                f"train_period {self.train_period} must end before test_period {self.test_period} starts"
+            )
+        return self

@@ -1,0 +1,82 @@
+"""`pretrain/atmorep`: masked-token pretraining with torchrun, tracked in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from data_catalog import Catalog, atmorep_home
+from flows.common import stage_run
+from flows.params import PretrainParams, TrainingParams
+from models.config import RunConfig, load_preset
+from tasks.registry import log_and_register_model
+from tasks.tracking import find_stage_run, log_dataset_input, log_metrics, log_params, tracking_uri
+from tasks.training import launch_training
+
+train = task(launch_training, name="torchrun-train")
+register = task(log_and_register_model, name="register-model", retries=2, retry_delay_seconds=5)
+
+
+def training_overrides(params: TrainingParams) -> dict:
+    """Return the dotted config overrides for the training settings a user gave."""
+    overrides = {
+        "train.max_steps": params.max_steps,
+        "train.batch_size": params.batch_size,
+        "train.lr": params.learning_rate,
+        "train.seed": params.seed,
+    }
+    return {key: value for key, value in overrides.items() if value is not None}
+
+
+def train_and_register(
+    stage: str,
+    config: RunConfig,
+    params: TrainingParams,
+    run_id: str,
+    registered_name: str,
+    init_checkpoint: Path | None = None,
+) -> dict:
+    """Train with torchrun into the run's checkpoint folder, then log and register the model."""
+    logger = get_run_logger()
+    log_params(run_id, config.model_dump(mode="json"), prefix="run_config")
+
+    output_dir = atmorep_home() / "checkpoints" / run_id
+    done = train(
+        config.model_dump(mode="json"),
+        output_dir,
+        nproc_per_node=params.nproc_per_node,
+        mlflow_run_id=run_id,
+        tracking_uri=tracking_uri(),
+        init_checkpoint=init_checkpoint,
+        run_logger=logger,
+    )
+    log_metrics(run_id, {f"{stage}/final_loss": done["loss"], f"{stage}/steps": done["step"]})
+
+    version = register(run_id, output_dir / "checkpoint.pt", registered_name)
+    model_uri = f"models:/{registered_name}/{version}"
+    logger.info("%s finished after %d steps, loss %.4f: %s", stage, done["step"], done["loss"], model_uri)
+    return {
+        "run_id": run_id,
+        "model_uri": model_uri,
+        "checkpoint": str(output_dir / "checkpoint.pt"),
+        "final_loss": done["loss"],
+        "steps": done["step"],
+    }
+
+
+@flow(name="pretrain", flow_run_name="atmorep-{params.dataset}")
+def pretrain_atmorep_flow(params: PretrainParams = PretrainParams()) -> dict:
+    """Pretrain an AtmoRep-style model on a catalog dataset and register it.
+
+    Returns the MLflow run id, the registered model URI and the final training loss.
+    """
+    entry = Catalog().get(params.dataset)
+    config = load_preset(params.preset, {"train.dataset": params.dataset, **training_overrides(params)})
+    upstream = params.upstream_run_id or find_stage_run("ingest", entry.digest)
+
+    with stage_run(
+        "pretrain", params, upstream_run_id=upstream, dataset=entry.name, dataset_digest=entry.digest
+    ) as run:
+        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.digest, context="training")
+        return train_and_register("pretrain", config, params, run.run_id, params.register_as)

@@ -1,0 +1,196 @@
+"""Space-time windows of a normalised dataset as training samples.
+
+The dataset follows the normalised Zarr layout: one float32 variable per ERA5 short name
+with dims (time, latitude, longitude) or (time, level, latitude, longitude), values
+already normalised to zero mean and unit variance.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+HOUR = np.timedelta64(1, "h")
+DAYS_PER_YEAR = 365.25
+# Periods whose selected arrays are at most this large are read into memory once.
+DEFAULT_MAX_IN_MEMORY_BYTES = 2 * 1024**3
+
+
+def time_features(times: np.ndarray) -> np.ndarray:
+    """Encode timestamps as sin/cos of hour of day and of day of year.
+
+    times: [T] datetime64 -> [T, 4] float32 with columns sin(hour), cos(hour), sin(day),
+    cos(day), where hour of day has period 24 h and day of year period 365.25 days.
+    """
+    index = np.asarray(times, dtype="datetime64[ns]")
+    days = index.astype("datetime64[D]")
+    hour_of_day = (index - days) / HOUR
+    day_of_year = (days - days.astype("datetime64[Y]")).astype(np.float64) + hour_of_day / 24.0
+
+    hour_angle = 2 * np.pi * hour_of_day / 24.0
+    day_angle = 2 * np.pi * day_of_year / DAYS_PER_YEAR
+    features = np.stack([np.sin(hour_angle), np.cos(hour_angle), np.sin(day_angle), np.cos(day_angle)], axis=-1)
+    return features.astype(np.float32)
+
+
+def select_channels(
+    ds: xr.Dataset, variables: Sequence[str], levels: Mapping[str, Sequence[int]] | None = None
+) -> xr.DataArray:
+    """Stack the requested variables and levels into one array with dims (channel, time, latitude, longitude).
+
+    Raises KeyError for a missing variable and ValueError for a level missing from the
+    dataset or a multi-level variable without configured levels.
+    """
+    levels = levels or {}
+    channels = []
+    for variable in variables:
+        if variable not in ds.data_vars:
+            raise KeyError(f"variable {variable!r} not found in dataset; it has {sorted(ds.data_vars)}")
+        array = ds[variable]
+        if "level" in array.dims:
+            if variable not in levels:
+                raise ValueError(
+                    f"variable {variable!r} has levels {array['level'].values.tolist()}: list the "
+                    f"levels to use in model.levels[{variable!r}]"
+                )
+            missing = sorted(set(levels[variable]) - set(array["level"].values.tolist()))
+            if missing:
+                raise ValueError(
+                    f"levels {missing} of variable {variable!r} not found; the dataset has "
+                    f"{array['level'].values.tolist()}"
+                )
+            for level in levels[variable]:
+                channels.append(array.sel(level=level).drop_vars("level"))
+        else:
+            if variable in levels:
+                raise ValueError(f"variable {variable!r} has no level dimension, but model.levels lists levels for it")
+            channels.append(array)
+
+    stacked = xr.concat(channels, dim="channel", coords="minimal", compat="override", join="exact")
+    return stacked.transpose("channel", "time", "latitude", "longitude")
+
+
+class WindowDataset(Dataset):
+    """Samples of `sample_shape = (T, H, W)`: T consecutive hourly steps on an H x W crop.
+
+    Window starts are every `time_stride` steps inside `period` (inclusive ISO bounds). A
+    window is kept only if its time steps are exactly one hour apart, so windows that
+    straddle a gap in the time coordinate are skipped. With `random_crop` the crop offset
+    is drawn per sample from a generator seeded by (seed, epoch, index) and restricted to
+    multiples of `spatial_stride`; without it the crop starts at the north-west corner.
+
+    Each item is `(x [C, T, H, W] float32, time_features [T, 4] float32)`.
+    """
+
+    def __init__(
+        self,
+        ds: xr.Dataset,
+        variables: Sequence[str],
+        period: tuple[str, str] | Sequence[str],
+        sample_shape: tuple[int, int, int],
+        time_stride: int = 1,
+        levels: Mapping[str, Sequence[int]] | None = None,
+        random_crop: bool = True,
+        spatial_stride: int = 1,
+        seed: int = 0,
+        max_in_memory_bytes: int = DEFAULT_MAX_IN_MEMORY_BYTES,
+    ) -> None:
+        if len(period) != 2:
+            raise ValueError(f"period must be (start, end), got {period!r}")
+        self.sample_shape = tuple(sample_shape)
+        self.random_crop = random_crop
+        self.spatial_stride = spatial_stride
+        self.seed = seed
+        self.epoch = 0
+
+        selected = select_channels(ds.sel(time=slice(period[0], period[1])), variables, levels)
+        steps, height, width = self.sample_shape
+        n_time, n_lat, n_lon = selected.shape[1:]
+        if n_lat < height or n_lon < width:
+            raise ValueError(
+                f"grid {n_lat} x {n_lon} is smaller than the sample crop {height} x {width}: "
+                "reduce model.sample_shape"
+            )
+
+        self.times = selected["time"].values.astype("datetime64[ns]")
+        self.starts = self._window_starts(self.times, steps, time_stride)
+        if len(self.starts) == 0:
+            raise ValueError(
+                f"no window of {steps} consecutive hourly steps in period {tuple(period)} "
+                f"({n_time} steps selected): check the period and model.sample_shape"
+            )
+
+        self.latitude = selected["latitude"].values
+        self.longitude = selected["longitude"].values
+        if selected.nbytes <= max_in_memory_bytes:
+            self.values: np.ndarray | xr.DataArray = np.ascontiguousarray(selected.values, dtype=np.float32)
+            if not np.isfinite(self.values).all():
+                raise ValueError(
+                    f"variables {list(variables)} contain NaN or infinite values in period "
+                    f"{tuple(period)}: the model needs complete fields"
+                )
+        else:
+            logger.info("period selection is %.1f GiB: reading windows lazily", selected.nbytes / 1024**3)
+            self.values = selected
+        logger.info(
+            "window dataset: %d windows of %s from %d steps, %d channels, grid %d x %d",
+            len(self.starts), self.sample_shape, n_time, selected.shape[0], n_lat, n_lon,
+        )
+
+    @staticmethod
+    def _window_starts(times: np.ndarray, steps: int, stride: int) -> np.ndarray:
+        if len(times) < steps:
+            return np.zeros(0, dtype=np.int64)
+        hourly = np.diff(times) == HOUR
+        # Window [start, start + steps) is regular iff its steps - 1 differences are all hourly.
+        irregular_before = np.concatenate([[0], np.cumsum(~hourly)])
+        candidates = np.arange(0, len(times) - steps + 1, stride)
+        regular = irregular_before[candidates + steps - 1] - irregular_before[candidates] == 0
+        skipped = int((~regular).sum())
+        if skipped:
+            logger.warning("skipped %d windows that straddle a gap in the hourly time coordinate", skipped)
+        return candidates[regular]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random crop offsets `__getitem__` returns."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def crop_offset(self, index: int) -> tuple[int, int]:
+        """Return the (latitude, longitude) grid offset of the crop of sample `index`."""
+        if not self.random_crop:
+            return 0, 0
+        _, height, width = self.sample_shape
+        lat_choices = (len(self.latitude) - height) // self.spatial_stride + 1
+        lon_choices = (len(self.longitude) - width) // self.spatial_stride + 1
+        # Seeding from (seed, epoch, index) gives the same crop in any worker or after a resume.
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        lat = int(rng.integers(lat_choices)) * self.spatial_stride
+        lon = int(rng.integers(lon_choices)) * self.spatial_stride
+        return lat, lon
+
+    def window_times(self, index: int) -> np.ndarray:
+        """Return the [T] datetime64 timestamps of sample `index`."""
+        start = int(self.starts[index])
+        return self.times[start : start + self.sample_shape[0]]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        steps, height, width = self.sample_shape
+        start = int(self.starts[index])
+        lat, lon = self.crop_offset(index)
+
+        window = self.values[:, start : start + steps, lat : lat + height, lon : lon + width]
+        if isinstance(window, xr.DataArray):
+            window = window.values
+        x = torch.from_numpy(np.array(window, dtype=np.float32))
+        features = torch.from_numpy(time_features(self.window_times(index)))
+        return x, features
