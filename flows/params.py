@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEMO_SAMPLE = "era5-2mt-2019-03-uk"
@@ -16,6 +17,24 @@ DEMO_DATASET = "era5-t2m-uk-2019-03"
 DEMO_TRAIN_PERIOD = ("2019-03-01T00:00", "2019-03-24T23:00")
 DEMO_TEST_PERIOD = ("2019-03-25T00:00", "2019-03-31T23:00")
 DEFAULT_MODEL_URI = "models:/atmorep/latest"
+
+
+def check_periods(train_period: tuple[str, str], test_period: tuple[str, str]) -> None:
+    """Raise ValueError unless both periods parse, are ordered, and training ends before testing."""
+    parsed = {}
+    for label, period in (("train_period", train_period), ("test_period", test_period)):
+        try:
+            start, end = (pd.Timestamp(value) for value in period)
+        except ValueError as error:
+            raise ValueError(f"{label} {period} is not a pair of ISO 8601 times: {error}") from error
+        if start > end:
+            raise ValueError(f"{label} {period} starts after it ends")
+        parsed[label] = (start, end)
+    if parsed["train_period"][1] >= parsed["test_period"][0]:
+        raise ValueError(
+            f"train_period {train_period} must end before test_period {test_period} starts, "
+            "so that the test period stays unseen by statistics and training"
+        )
 
 
 class FlowParams(BaseModel):
@@ -51,6 +70,11 @@ class IngestEra5Params(FlowParams):
         DEMO_TEST_PERIOD, description="first and last time step of the test period (ISO 8601)"
     )
     time_chunk: int = Field(24, ge=1, description="time steps per Zarr chunk")
+
+    @model_validator(mode="after")
+    def _check_periods(self) -> "IngestEra5Params":
+        check_periods(self.train_period, self.test_period)
+        return self
 
 
 class TrainingParams(FlowParams):
@@ -115,8 +139,5 @@ class PipelineParams(BaseModel):
 
     @model_validator(mode="after")
     def _check_periods(self) -> "PipelineParams":
-        if self.train_period[1] >= self.test_period[0]:
-            raise ValueError(
-                f"train_period {self.train_period} must end before test_period {self.test_period} starts"
-            )
+        check_periods(self.train_period, self.test_period)
         return self

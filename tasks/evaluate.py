@@ -48,7 +48,7 @@ BASELINES = {"forecast": "persistence", "interpolation": "linear", "downscaling"
 METRICS: dict[str, Callable] = {"rmse": metrics.rmse, "mae": metrics.mae, "bias": metrics.bias}
 # Score dimension of each task: its coordinate labels are hours, hours and a factor.
 SCORE_DIMS = {"forecast": "lead_time", "interpolation": "gap", "downscaling": "factor"}
-METHODS = ("model", "baseline")
+PREDICTORS = ("model", "baseline")
 
 
 @dataclass
@@ -58,7 +58,7 @@ class EvaluationResult:
     metrics: flat names such as ``forecast/rmse/t2m/lead_3h`` for the model and
         ``forecast/rmse_persistence/t2m/lead_3h`` for its baseline.
     scores: one data variable per task and metric, named ``<task>_<metric>`` (for example
-        ``forecast_rmse``), with dims ``(method, variable, <score dim>)``. ``method`` is
+        ``forecast_rmse``), with dims ``(predictor, variable, <score dim>)``. ``predictor`` is
         ``["model", "baseline"]`` and the variable's ``baseline`` attribute names the
         baseline. The score dims are ``lead_time`` (hours) for forecast, ``gap`` (hours)
         for interpolation and ``factor`` for downscaling. The ``units`` coordinate gives
@@ -232,7 +232,7 @@ class _ScoreSums:
         self.n_samples = 0
         self.sums: dict[tuple[str, str], xr.DataArray] = {}
 
-    def add(self, method: str, prediction: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray, dims) -> None:
+    def add(self, predictor: str, prediction: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray, dims) -> None:
         batch = prediction.sizes["sample"]
         pooled = {
             "rmse": metrics.mse(prediction, truth, weights, dims),
@@ -240,11 +240,11 @@ class _ScoreSums:
             "bias": metrics.bias(prediction, truth, weights, dims),
         }
         for metric, value in pooled.items():
-            key = (method, metric)
+            key = (predictor, metric)
             self.sums[key] = self.sums.get(key, 0) + batch * value
 
-    def result(self, method: str, metric: str) -> xr.DataArray:
-        mean = self.sums[(method, metric)] / self.n_samples
+    def result(self, predictor: str, metric: str) -> xr.DataArray:
+        mean = self.sums[(predictor, metric)] / self.n_samples
         return np.sqrt(mean) if metric == "rmse" else mean
 
 
@@ -376,18 +376,18 @@ def _collect_scores(case_sums: list[tuple[_Case, _ScoreSums]], channels: list[_C
     for task, entries in by_task.items():
         dim = SCORE_DIMS[task]
         for metric in METRICS:
-            per_method = []
-            for method in METHODS:
+            per_predictor = []
+            for predictor in PREDICTORS:
                 per_case = []
                 for case, sums in entries:
-                    values = sums.result(method, metric)
+                    values = sums.result(predictor, metric)
                     if task == "forecast":
                         values = values.rename(step=dim).transpose("variable", dim)
                     else:
                         values = values.expand_dims({dim: [case.label]}).transpose("variable", dim)
                     per_case.append(values)
-                per_method.append(xr.concat(per_case, dim=dim))
-            data = xr.concat(per_method, dim=xr.DataArray(list(METHODS), dims="method"))
+                per_predictor.append(xr.concat(per_case, dim=dim))
+            data = xr.concat(per_predictor, dim=xr.DataArray(list(PREDICTORS), dims="predictor"))
             data.attrs = {"baseline": BASELINES[task], "metric": metric}
             data_vars[f"{task}_{metric}"] = data
 
@@ -413,8 +413,8 @@ def _flatten(scores: xr.Dataset) -> tuple[dict[str, float], pd.DataFrame]:
             for variable in data["variable"].values:
                 for value in data[dim].values:
                     label = _label(task, int(value))
-                    model_score = float(data.sel(method="model", variable=variable, **{dim: value}))
-                    baseline_score = float(data.sel(method="baseline", variable=variable, **{dim: value}))
+                    model_score = float(data.sel(predictor="model", variable=variable, **{dim: value}))
+                    baseline_score = float(data.sel(predictor="baseline", variable=variable, **{dim: value}))
                     flat[f"{task}/{metric}/{variable}/{label}"] = model_score
                     flat[f"{task}/{metric}_{baseline_name}/{variable}/{label}"] = baseline_score
                     rows.append(
@@ -509,8 +509,8 @@ def evaluate_zero_shot(
         logger.info(
             "%s RMSE model %s, %s %s",
             task,
-            np.round(rmse.sel(method="model").values, 3).tolist(),
+            np.round(rmse.sel(predictor="model").values, 3).tolist(),
             BASELINES[task],
-            np.round(rmse.sel(method="baseline").values, 3).tolist(),
+            np.round(rmse.sel(predictor="baseline").values, 3).tolist(),
         )
     return EvaluationResult(metrics=flat, scores=scores, table=table, examples=examples)

@@ -1,0 +1,244 @@
+"""Zero-shot evaluation on the real UK 2 m temperature series with oracle models.
+
+The oracles stand in for a trained network, so the evaluation code path (masking,
+denormalising, weighting, naming, plotting) is checked on real data without training.
+"""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+from models.config import RunConfig
+from models.data import time_features
+from tasks.evaluate import EvaluationResult, evaluate_zero_shot
+from tasks.plots import plot_maps, plot_skill
+
+TRAIN_PERIOD = ["2019-03-01T00:00:00", "2019-03-24T23:00:00"]
+TEST_PERIOD = ["2019-03-25T00:00:00", "2019-03-31T23:00:00"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def raw_t2m(uk_t2m_grib) -> xr.DataArray:
+    """2 m temperature in K, dims (time, latitude, longitude), from the real GRIB file."""
+    with xr.open_dataset(uk_t2m_grib, engine="cfgrib", backend_kwargs={"indexpath": ""}) as source:
+        t2m = source["t2m"].load()
+    extra = [name for name in t2m.coords if name not in ("time", "latitude", "longitude")]
+    return t2m.drop_vars(extra)
+
+
+@pytest.fixture(scope="module")
+def uk_dataset(raw_t2m) -> xr.Dataset:
+    """The series normalised with training-period statistics, with the ingest attrs."""
+    train = raw_t2m.sel(time=slice(*TRAIN_PERIOD)).astype(np.float64)
+    mean = float(train.mean())
+    std = float(train.std())
+    normalised = ((raw_t2m.astype(np.float64) - mean) / std).astype(np.float32)
+    normalised.attrs = {"units": raw_t2m.attrs["units"], "long_name": raw_t2m.attrs.get("long_name", "")}
+    return xr.Dataset(
+        {"t2m": normalised},
+        attrs={
+            "statistics": {"t2m": {"mean": [mean], "std": [std]}},
+            "train_period": TRAIN_PERIOD,
+            "test_period": TEST_PERIOD,
+            "name": "era5-t2m-uk-2019-03",
+        },
+    )
+
+
+class TruthOracle(nn.Module):
+    """Return the true normalised window, found by matching the time features of its first step."""
+
+    def __init__(self, ds: xr.Dataset, config: RunConfig) -> None:
+        super().__init__()
+        _, height, width = config.model.sample_shape
+        self.values = torch.from_numpy(ds["t2m"].values[None, :, :height, :width].copy())
+        self.features = torch.from_numpy(time_features(ds["time"].values))
+
+    def forward(self, x, mask, features):
+        steps = x.shape[2]
+        windows = []
+        for sample_features in features:
+            start = int((self.features - sample_features[0]).abs().sum(dim=1).argmin())
+            windows.append(self.values[:, start : start + steps])
+        return torch.stack(windows).to(x.device)
+
+
+class PersistenceOracle(nn.Module):
+    """Fill the masked forecast steps with the last visible input step."""
+
+    def __init__(self, token_steps: int) -> None:
+        super().__init__()
+        self.token_steps = token_steps
+
+    def forward(self, x, mask, features):
+        masked_time_tokens = mask[0, 0, :, 0, 0].nonzero().flatten()
+        first_masked_step = int(masked_time_tokens[0]) * self.token_steps
+        output = x.clone()
+        output[:, :, first_masked_step:] = x[:, :, first_masked_step - 1 : first_masked_step]
+        return output
+
+
+class RecordingModel(nn.Module):
+    """Record every input and mask, and predict zeros (the training-period mean)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x, mask, features):
+        self.calls.append((x.clone(), mask.clone()))
+        return torch.zeros_like(x)
+
+
+@pytest.fixture(scope="module")
+def config() -> RunConfig:
+    return RunConfig()
+
+
+@pytest.fixture(scope="module")
+def truth_result(uk_dataset, config) -> EvaluationResult:
+    return evaluate_zero_shot(TruthOracle(uk_dataset, config), config, uk_dataset)
+
+
+def test_metric_names_for_all_tasks(truth_result):
+    expected = [
+        f"forecast/{metric}/t2m/lead_{lead}h" for metric in ("rmse", "rmse_persistence") for lead in range(1, 7)
+    ] + [
+        "interpolation/rmse/t2m/gap_2h",
+        "interpolation/rmse_linear/t2m/gap_2h",
+        "interpolation/rmse/t2m/gap_4h",
+        "interpolation/rmse_linear/t2m/gap_4h",
+        "downscaling/rmse/t2m/factor_4",
+        "downscaling/rmse_bicubic/t2m/factor_4",
+        "forecast/mae/t2m/lead_1h",
+        "forecast/bias_persistence/t2m/lead_1h",
+    ]
+    missing = [name for name in expected if name not in truth_result.metrics]
+    assert missing == []
+
+
+def test_truth_oracle_scores_zero(truth_result):
+    model_rmse = {name: value for name, value in truth_result.metrics.items() if "/rmse/" in name}
+    baseline_rmse = {name: value for name, value in truth_result.metrics.items() if "/rmse_" in name}
+    assert len(model_rmse) == 6 + 2 + 1
+    assert max(model_rmse.values()) < 1e-3
+    assert min(baseline_rmse.values()) > 0.1
+
+
+def test_persistence_rmse_on_real_test_period(truth_result, caplog):
+    leads = [truth_result.metrics[f"forecast/rmse_persistence/t2m/lead_{lead}h"] for lead in range(1, 7)]
+    logging.getLogger(__name__).info("persistence RMSE (K) by lead 1-6 h: %s", np.round(leads, 3).tolist())
+    assert 0.5 <= leads[0] <= 0.7
+    assert 1.2 <= leads[2] <= 2.0
+    assert np.all(np.diff(leads) > 0)
+
+
+def test_persistence_rmse_hand_computed(truth_result, raw_t2m, config):
+    # Windows start every 6 steps; lead 1 h compares step 6 with step 5 of each window.
+    steps, height, width = config.model.sample_shape
+    test = raw_t2m.sel(time=slice(*TEST_PERIOD)).values[:, :height, :width].astype(np.float64)
+    starts = np.arange(0, test.shape[0] - steps + 1, 6)
+    errors = test[starts + 6] - test[starts + 5]
+    cosine = np.cos(np.deg2rad(raw_t2m.latitude.values[:height]))
+    weights = (cosine / cosine.mean())[None, :, None]
+    expected = np.sqrt((weights * errors**2).mean() / weights.mean())
+    measured = truth_result.metrics["forecast/rmse_persistence/t2m/lead_1h"]
+    assert len(starts) == 27
+    assert measured == pytest.approx(expected, rel=1e-5)
+
+
+def test_persistence_oracle_matches_baseline(uk_dataset, config):
+    result = evaluate_zero_shot(
+        PersistenceOracle(config.model.token_shape[0]), config, uk_dataset, tasks=("forecast",)
+    )
+    for lead in range(1, 7):
+        model = result.metrics[f"forecast/rmse/t2m/lead_{lead}h"]
+        baseline = result.metrics[f"forecast/rmse_persistence/t2m/lead_{lead}h"]
+        assert model == pytest.approx(baseline, rel=1e-4)
+    assert not any(name.startswith("interpolation/") for name in result.metrics)
+
+
+def test_inputs_masked_like_training(uk_dataset, config):
+    recorder = RecordingModel()
+    evaluate_zero_shot(recorder, config, uk_dataset, window_stride=100, batch_size=4)
+    # Two windows (starts 0 and 100) and four cases: forecast, gaps of 1 and 2 tokens, downscaling.
+    assert len(recorder.calls) == 4
+    truth = torch.from_numpy(uk_dataset["t2m"].sel(time=slice(*TEST_PERIOD)).values[:12, :32, :48].copy())
+    forecast, gap_one, gap_two, downscaling = (call for call in recorder.calls)
+
+    inputs, mask = forecast
+    assert mask.shape == (2, 1, 6, 4, 6)
+    assert mask[0, 0, :, 0, 0].tolist() == [False, False, False, True, True, True]
+    assert torch.equal(inputs[0, 0, :6], truth[:6])
+    assert torch.count_nonzero(inputs[:, :, 6:]) == 0
+
+    inputs, mask = gap_one
+    assert mask[0, 0, :, 0, 0].tolist() == [False, False, True, False, False, False]
+    assert torch.count_nonzero(inputs[:, :, 4:6]) == 0
+    assert torch.equal(inputs[0, 0, 6:], truth[6:])
+
+    inputs, mask = gap_two
+    assert mask[0, 0, :, 0, 0].tolist() == [False, False, True, True, False, False]
+    assert torch.count_nonzero(inputs[:, :, 4:8]) == 0
+
+    inputs, mask = downscaling
+    assert bool(mask.all())
+    block = truth[0, :4, :4].mean()
+    assert inputs[0, 0, 0, :4, :4] == pytest.approx(torch.full((4, 4), float(block)), abs=1e-6)
+
+
+def test_scores_dataset_layout(truth_result):
+    scores = truth_result.scores
+    assert scores["forecast_rmse"].dims == ("predictor", "variable", "lead_time")
+    assert scores["lead_time"].values.tolist() == [1, 2, 3, 4, 5, 6]
+    assert scores["gap"].values.tolist() == [2, 4]
+    assert scores["factor"].values.tolist() == [4]
+    assert scores["predictor"].values.tolist() == ["model", "baseline"]
+    assert scores["interpolation_rmse"].attrs["baseline"] == "linear"
+    assert scores["units"].values.tolist() == ["K"]
+    assert scores.attrs["n_samples"] == 27
+
+
+def test_table_compares_model_and_baseline(truth_result):
+    table = truth_result.table
+    assert list(table.columns) == [
+        "task", "metric", "variable", "lead_or_gap", "model", "baseline", "baseline_value", "difference",
+    ]
+    row = table[(table.task == "downscaling") & (table.metric == "rmse")].iloc[0]
+    assert row.baseline == "bicubic"
+    assert row.lead_or_gap == "factor_4"
+    assert row.difference == pytest.approx(row.model - row.baseline_value)
+    assert len(table) == 3 * (6 + 2 + 1)
+
+
+def test_examples_in_physical_units(truth_result):
+    assert set(truth_result.examples) == {"forecast", "interpolation", "downscaling"}
+    forecast = truth_result.examples["forecast"]
+    assert forecast["truth"].dims == ("variable", "time", "latitude", "longitude")
+    assert forecast["truth"].shape == (1, 6, 32, 48)
+    assert forecast["latitude"].values[0] == pytest.approx(58.0)
+    assert forecast["longitude"].values[0] == pytest.approx(-10.0)
+    assert 250.0 < float(forecast["truth"].min()) < float(forecast["truth"].max()) < 300.0
+    assert truth_result.examples["interpolation"]["truth"].sizes["time"] == 4
+    assert truth_result.examples["downscaling"]["truth"].sizes["time"] == 12
+
+
+def test_plots_written(truth_result, tmp_path):
+    paths = [plot_skill(truth_result.scores, tmp_path / "skill.png")]
+    for task, example in truth_result.examples.items():
+        paths.append(plot_maps(example, tmp_path / f"maps_{task}.png"))
+    for path in paths:
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in paths)
+
+
+def test_rejects_dataset_without_statistics(uk_dataset, config):
+    bare = uk_dataset.copy()
+    bare.attrs = {"test_period": TEST_PERIOD}
+    with pytest.raises(ValueError, match="statistics"):
+        evaluate_zero_shot(RecordingModel(), config, bare)
