@@ -83,7 +83,7 @@ class Catalog:
     def publish(self, entry: DatasetEntry) -> Path:
         """Write `entry` as YAML atomically, replacing an older entry of the same name."""
         path = self.entry_path(entry.name)
-        text = yaml.safe_dump(entry.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        text = yaml.dump(entry.model_dump(mode="json"), Dumper=_EntryDumper, sort_keys=False, allow_unicode=True)
         atomic_write_text(path, text)
         logger.info("published dataset %s (digest %s) to %s", entry.name, entry.digest[:12], path)
         return path
@@ -143,6 +143,18 @@ class Catalog:
                 f"has {entry.digest!r}. Re-ingest dataset {name!r}."
             )
         return dataset
+
+
+class _EntryDumper(yaml.SafeDumper):
+    """Safe YAML dumper that writes lists of scalars (periods, statistics, levels) on one line."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, items: list) -> yaml.Node:
+    flat = all(item is None or isinstance(item, (bool, int, float, str)) for item in items)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flat)
+
+
+_EntryDumper.add_representer(list, _represent_list)
 
 
 def _check_name(name: str) -> None:

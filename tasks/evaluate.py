@@ -26,7 +26,7 @@ steps before the square root (see `tasks.metrics`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("forecast", "interpolation", "downscaling")
 BASELINES = {"forecast": "persistence", "interpolation": "linear", "downscaling": "bicubic"}
-METRICS: dict[str, Callable] = {"rmse": metrics.rmse, "mae": metrics.mae, "bias": metrics.bias}
+METRICS = ("rmse", "mae", "bias")
 # Score dimension of each task: its coordinate labels are hours, hours and a factor.
 SCORE_DIMS = {"forecast": "lead_time", "interpolation": "gap", "downscaling": "factor"}
 PREDICTORS = ("model", "baseline")
@@ -115,8 +115,8 @@ def _channels(config: RunConfig, ds: xr.Dataset) -> list[_Channel]:
     for variable, level in config.model.channels:
         if variable not in statistics:
             raise KeyError(
-                f"statistics for variable {variable!r} not found in dataset attrs; they "
-                f"cover {sorted(statistics)}"
+                f"statistics for variable {variable!r} not found in dataset attrs, which "
+                f"cover {sorted(statistics)}: re-ingest the dataset with this variable"
             )
         level_index = 0
         name = variable
@@ -220,26 +220,57 @@ def _baseline(case: _Case, truth: np.ndarray, scored: slice, factor: int) -> np.
     return baselines.bicubic_upsampling(baselines.block_average(truth, factor), factor)
 
 
-class _ScoreSums:
-    """Running sample-weighted sums of per-batch scores of one case.
+class _Crop:
+    """The evaluated channels and grid: denormalising and labelling sample arrays.
 
-    Every sample has the same crop and so the same latitude weights. The pooled weighted
-    mean over all samples is therefore the sample-count-weighted mean of the per-batch
-    weighted means. RMSE is pooled as MSE and rooted at the end.
+    Holds the crop's latitude and longitude, its cos-latitude weights and each channel's
+    normalisation mean and std.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, channels: list[_Channel], latitude: np.ndarray, longitude: np.ndarray) -> None:
+        self.channels = channels
+        self.names = [channel.name for channel in channels]
+        self.units = [channel.units for channel in channels]
+        self.latitude = latitude
+        self.longitude = longitude
+        self.weights = metrics.latitude_weights(latitude)
+        self._mean = np.array([channel.mean for channel in channels])[None, :, None, None, None]
+        self._std = np.array([channel.std for channel in channels])[None, :, None, None, None]
+
+    def denormalise(self, values: np.ndarray) -> np.ndarray:
+        """Convert [B, C, T, H, W] normalised values to float64 physical units: x * std + mean."""
+        return values.astype(np.float64) * self._std + self._mean
+
+    def as_field(self, values: np.ndarray, lead_time: np.ndarray | None = None) -> xr.DataArray:
+        """Wrap [B, C, S, H, W] values as a DataArray; ``lead_time`` labels the S steps."""
+        coords = {"variable": self.names, "latitude": self.latitude, "longitude": self.longitude}
+        if lead_time is not None:
+            coords["step"] = lead_time
+        return xr.DataArray(values, dims=("sample", "variable", "step", "latitude", "longitude"), coords=coords)
+
+
+class _ScoreSums:
+    """Running sample-weighted sums of the per-batch scores of one case.
+
+    Every sample has the same crop and so the same latitude weights, and inputs and
+    predictions contain no NaN (both are checked). The pooled weighted mean over all
+    samples is therefore the sample-count-weighted mean of the per-batch weighted means.
+    RMSE is pooled as MSE and rooted at the end.
+    """
+
+    def __init__(self, reduce_dims: tuple[str, ...]) -> None:
+        self.reduce_dims = reduce_dims
         self.n_samples = 0
         self.sums: dict[tuple[str, str], xr.DataArray] = {}
 
-    def add(self, predictor: str, prediction: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray, dims) -> None:
+    def add(self, predictor: str, prediction: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray) -> None:
         batch = prediction.sizes["sample"]
-        pooled = {
-            "rmse": metrics.mse(prediction, truth, weights, dims),
-            "mae": metrics.mae(prediction, truth, weights, dims),
-            "bias": metrics.bias(prediction, truth, weights, dims),
+        batch_means = {
+            "rmse": metrics.mse(prediction, truth, weights, self.reduce_dims),
+            "mae": metrics.mae(prediction, truth, weights, self.reduce_dims),
+            "bias": metrics.bias(prediction, truth, weights, self.reduce_dims),
         }
-        for metric, value in pooled.items():
+        for metric, value in batch_means.items():
             key = (predictor, metric)
             self.sums[key] = self.sums.get(key, 0) + batch * value
 
@@ -248,94 +279,85 @@ class _ScoreSums:
         return np.sqrt(mean) if metric == "rmse" else mean
 
 
-def _as_field(values: np.ndarray, channels: list[_Channel], latitude, longitude, steps=None) -> xr.DataArray:
-    """Wrap [B, C, S, H, W] values as a DataArray with named dims and coordinates."""
-    coords = {
-        "variable": [channel.name for channel in channels],
-        "latitude": latitude,
-        "longitude": longitude,
-    }
-    if steps is not None:
-        coords["step"] = steps
-    return xr.DataArray(values, dims=("sample", "variable", "step", "latitude", "longitude"), coords=coords)
+def _predict(
+    model: nn.Module, case: _Case, x: torch.Tensor, time_features: torch.Tensor, config: RunConfig
+) -> np.ndarray:
+    """Mask one batch for a case and return the model's prediction [B, C, T, H, W] as numpy."""
+    inputs, mask = _masked_input(case, x, config)
+    with torch.inference_mode():
+        prediction = model(inputs, mask, time_features.to(x.device))
+
+    if tuple(prediction.shape) != tuple(x.shape):
+        raise ValueError(
+            f"model returned shape {tuple(prediction.shape)} for input shape {tuple(x.shape)}: "
+            "the model must predict the whole field [B, C, T, H, W]"
+        )
+    values = prediction.float().cpu().numpy()
+    if not np.isfinite(values).all():
+        raise ValueError(f"model returned NaN or infinite values in the {case.task} task")
+    return values
 
 
 def _run_case(
     model: nn.Module,
     config: RunConfig,
     dataset: WindowDataset,
-    channels: list[_Channel],
+    crop: _Crop,
     case: _Case,
     batch_size: int,
     device: torch.device,
 ) -> tuple[_ScoreSums, xr.Dataset]:
     """Run the model over all windows for one case and return its scores and first example."""
-    _, height, width = config.model.sample_shape
-    latitude = dataset.latitude[:height]
-    longitude = dataset.longitude[:width]
-    weights = metrics.latitude_weights(latitude)
-    mean = np.array([channel.mean for channel in channels], dtype=np.float64)[None, :, None, None, None]
-    std = np.array([channel.std for channel in channels], dtype=np.float64)[None, :, None, None, None]
-
     scored = _scored_steps(case, config)
-    lead_steps = np.arange(1, scored.stop - scored.start + 1) if case.task == "forecast" else None
-    reduce_dims = ("sample", "latitude", "longitude") if case.task == "forecast" else (
-        "sample", "step", "latitude", "longitude"
-    )
+    if case.task == "forecast":
+        lead_time = np.arange(1, scored.stop - scored.start + 1)
+        sums = _ScoreSums(reduce_dims=("sample", "latitude", "longitude"))
+    else:
+        lead_time = None
+        sums = _ScoreSums(reduce_dims=("sample", "step", "latitude", "longitude"))
 
-    sums = _ScoreSums()
     example = None
     n_batches = -(-len(dataset) // batch_size)
-    description = f"{case.task}" if case.gap_tokens is None else f"{case.task} gap {case.label} h"
-    for x, time_features in tqdm(_batches(dataset, batch_size), total=n_batches, desc=description, leave=False):
+    batches = tqdm(_batches(dataset, batch_size), total=n_batches, desc=_title(case), leave=False)
+    for x, time_features in batches:
         x = x.to(device)
-        inputs, mask = _masked_input(case, x, config)
-        with torch.inference_mode():
-            prediction = model(inputs, mask, time_features.to(device))
-        if tuple(prediction.shape) != tuple(x.shape):
-            raise ValueError(
-                f"model returned shape {tuple(prediction.shape)} for input shape {tuple(x.shape)}: "
-                "the model must predict the whole field [B, C, T, H, W]"
-            )
-        prediction_values = prediction.float().cpu().numpy()
-        if not np.isfinite(prediction_values).all():
-            raise ValueError(f"model returned NaN or infinite values in the {case.task} task")
-
-        truth = x.cpu().numpy().astype(np.float64) * std + mean
-        predicted = prediction_values.astype(np.float64) * std + mean
+        predicted = crop.denormalise(_predict(model, case, x, time_features, config))
+        truth = crop.denormalise(x.cpu().numpy())
+        if not np.isfinite(truth).all():
+            raise ValueError(f"fields contain NaN or infinite values in the windows of the {case.task} task")
         baseline = _baseline(case, truth, scored, config.masking.coarsen_factor)
 
-        truth_field = _as_field(truth[:, :, scored], channels, latitude, longitude, lead_steps)
-        sums.add("model", _as_field(predicted[:, :, scored], channels, latitude, longitude, lead_steps),
-                 truth_field, weights, reduce_dims)
-        sums.add("baseline", _as_field(baseline, channels, latitude, longitude, lead_steps),
-                 truth_field, weights, reduce_dims)
+        truth_field = crop.as_field(truth[:, :, scored], lead_time)
+        sums.add("model", crop.as_field(predicted[:, :, scored], lead_time), truth_field, crop.weights)
+        sums.add("baseline", crop.as_field(baseline, lead_time), truth_field, crop.weights)
         sums.n_samples += x.shape[0]
 
         if example is None:
-            example = _example(case, dataset, truth, predicted, baseline, scored, channels, latitude, longitude)
+            times = dataset.window_times(0)[scored]
+            example = _example(case, crop, times, truth[0, :, scored], predicted[0, :, scored], baseline[0])
 
     return sums, example
 
 
-def _example(case, dataset, truth, predicted, baseline, scored, channels, latitude, longitude) -> xr.Dataset:
-    """Keep the first sample's scored steps as maps in physical units."""
-    times = dataset.window_times(0)[scored]
+def _example(
+    case: _Case, crop: _Crop, times: np.ndarray, truth: np.ndarray, predicted: np.ndarray, baseline: np.ndarray
+) -> xr.Dataset:
+    """Keep one sample's scored steps, each [C, S, H, W] in physical units, as maps."""
     coords = {
-        "variable": [channel.name for channel in channels],
+        "variable": crop.names,
         "time": times,
-        "latitude": latitude,
-        "longitude": longitude,
-        "units": ("variable", [channel.units for channel in channels]),
+        "latitude": crop.latitude,
+        "longitude": crop.longitude,
+        "units": ("variable", crop.units),
     }
     if case.task == "forecast":
         coords["lead_time"] = ("time", np.arange(1, len(times) + 1))
     dims = ("variable", "time", "latitude", "longitude")
     return xr.Dataset(
         {
-            "truth": (dims, truth[0, :, scored].astype(np.float32)),
-            "prediction": (dims, predicted[0, :, scored].astype(np.float32)),
-            "baseline": (dims, baseline[0].astype(np.float32)),
+            "truth": (dims, truth.astype(np.float32)),
+            "prediction": (dims, predicted.astype(np.float32)),
+            "baseline": (dims, baseline.astype(np.float32)),
         },
         coords=coords,
         attrs={
@@ -365,9 +387,8 @@ def _label(task: str, value: int) -> str:
     return f"factor_{value}"
 
 
-def _collect_scores(case_sums: list[tuple[_Case, _ScoreSums]], channels: list[_Channel]) -> xr.Dataset:
+def _collect_scores(case_sums: list[tuple[_Case, _ScoreSums]], crop: _Crop) -> xr.Dataset:
     """Assemble the scores Dataset from the running sums of every case."""
-    names = [channel.name for channel in channels]
     by_task: dict[str, list[tuple[_Case, _ScoreSums]]] = {}
     for case, sums in case_sums:
         by_task.setdefault(case.task, []).append((case, sums))
@@ -392,7 +413,7 @@ def _collect_scores(case_sums: list[tuple[_Case, _ScoreSums]], channels: list[_C
             data_vars[f"{task}_{metric}"] = data
 
     scores = xr.Dataset(data_vars)
-    scores = scores.assign_coords(variable=names, units=("variable", [channel.units for channel in channels]))
+    scores = scores.assign_coords(variable=crop.names, units=("variable", crop.units))
     for dim, units in (("lead_time", "h"), ("gap", "h"), ("factor", "1")):
         if dim in scores.coords:
             scores[dim].attrs["units"] = units
@@ -451,10 +472,15 @@ def evaluate_zero_shot(
         restored afterwards.
     config: the run configuration the model was trained with.
     ds: a normalised dataset with ``statistics`` and ``test_period`` attrs.
-    period: inclusive ISO bounds; ``ds.attrs["test_period"]`` when None.
+    period: inclusive ISO bounds of the evaluation period, ``ds.attrs["test_period"]``
+        when None.
+    tasks: a subset of ``("forecast", "interpolation", "downscaling")``.
+    window_stride: time steps between the starts of consecutive windows.
+    batch_size: windows per model call.
+    device: where the model and each batch run. NOTE: only "cpu" has been run in tests.
 
-    Raises ValueError when the period holds no complete window or the model returns a
-    wrong shape or non-finite values.
+    Raises ValueError when the period contains no complete window, the fields contain
+    NaN, or the model returns a wrong shape or non-finite values.
     """
     if period is None:
         if "test_period" not in ds.attrs:
@@ -463,7 +489,6 @@ def evaluate_zero_shot(
     if window_stride < 1 or batch_size < 1:
         raise ValueError(f"window_stride and batch_size must be at least 1, got {window_stride} and {batch_size}")
 
-    channels = _channels(config, ds)
     cases = _cases(config, tasks)
     dataset = WindowDataset(
         ds,
@@ -474,6 +499,8 @@ def evaluate_zero_shot(
         levels=config.model.levels,
         random_crop=False,
     )
+    _, height, width = config.model.sample_shape
+    crop = _Crop(_channels(config, ds), dataset.latitude[:height], dataset.longitude[:width])
     logger.info(
         "zero-shot evaluation on %s: %d windows every %d steps, tasks %s",
         period, len(dataset), window_stride, list(tasks),
@@ -487,7 +514,7 @@ def evaluate_zero_shot(
         case_sums = []
         examples: dict[str, xr.Dataset] = {}
         for case in cases:
-            sums, example = _run_case(model, config, dataset, channels, case, batch_size, device)
+            sums, example = _run_case(model, config, dataset, crop, case, batch_size, device)
             case_sums.append((case, sums))
             # Interpolation keeps the example of its longest gap.
             previous = examples.get(case.task)
@@ -496,7 +523,7 @@ def evaluate_zero_shot(
     finally:
         model.train(was_training)
 
-    scores = _collect_scores(case_sums, channels)
+    scores = _collect_scores(case_sums, crop)
     scores.attrs = {
         "period": list(period),
         "n_samples": len(dataset),

@@ -1,0 +1,269 @@
+import pytest
+import torch
+
+from models.config import FillProportions, MaskingConfig, StrategyWeights
+from models.masking import (
+    bert_mask,
+    coarsen,
+    corrupt,
+    downscaling_mask,
+    forecast_mask,
+    interpolation_mask,
+    sample_mask,
+)
+from models.tokens import expand_token_mask, tokenise
+
+GRID = (6, 4, 6)
+TOKEN_SHAPE = (2, 8, 8)
+
+
+def field(batch=4, channels=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, channels, 12, 32, 48), generator=generator)
+
+
+def test_forecast_mask_last_time_tokens():
+    mask = forecast_mask(3, 2, GRID, 2)
+
+    assert mask.shape == (3, 2, *GRID)
+    assert mask.dtype == torch.bool
+    assert bool(mask[:, :, 4:].all())
+    assert not bool(mask[:, :, :4].any())
+
+
+@pytest.mark.parametrize("n_tokens", [0, 6, 7])
+def test_forecast_mask_rejects_invalid_length(n_tokens):
+    with pytest.raises(ValueError, match="n_tokens"):
+        forecast_mask(1, 1, GRID, n_tokens)
+
+
+def test_interpolation_mask_middle_run():
+    mask = interpolation_mask(2, 3, GRID, start=2, n_tokens=3)
+
+    assert mask.shape == (2, 3, *GRID)
+    assert bool(mask[:, :, 2:5].all())
+    assert not bool(mask[:, :, :2].any())
+    assert not bool(mask[:, :, 5:].any())
+
+
+@pytest.mark.parametrize(("start", "n_tokens"), [(0, 1), (4, 2), (1, 5), (2, 0)])
+def test_interpolation_mask_keeps_ends_visible(start, n_tokens):
+    with pytest.raises(ValueError, match="strictly inside"):
+        interpolation_mask(1, 1, GRID, start, n_tokens)
+
+
+def test_bert_mask_exact_counts_per_sample():
+    rates = torch.tensor([0.0, 0.1, 0.25, 0.5, 1.0])
+    n_tokens = 2 * 6 * 4 * 6
+
+    mask = bert_mask(5, 2, GRID, rates, torch.Generator().manual_seed(1))
+
+    counts = mask.reshape(5, -1).sum(dim=1).tolist()
+    assert counts == [1, round(0.1 * n_tokens), round(0.25 * n_tokens), round(0.5 * n_tokens), n_tokens]
+
+
+def test_bert_mask_generator_determinism():
+    first = bert_mask(4, 1, GRID, 0.3, torch.Generator().manual_seed(7))
+    again = bert_mask(4, 1, GRID, 0.3, torch.Generator().manual_seed(7))
+    other = bert_mask(4, 1, GRID, 0.3, torch.Generator().manual_seed(8))
+
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_bert_mask_differs_between_samples():
+    mask = bert_mask(2, 1, GRID, 0.5, torch.Generator().manual_seed(0))
+
+    assert not torch.equal(mask[0], mask[1])
+
+
+def test_bert_mask_rejects_invalid_rate():
+    with pytest.raises(ValueError, match="rate"):
+        bert_mask(1, 1, GRID, 1.5)
+
+
+def test_downscaling_mask_all_tokens():
+    mask = downscaling_mask(2, 3, GRID)
+
+    assert mask.shape == (2, 3, *GRID)
+    assert bool(mask.all())
+
+
+def test_coarsen_block_means():
+    x = torch.arange(16.0).reshape(1, 4, 4)
+
+    coarse = coarsen(x, 2)
+
+    expected = torch.tensor(
+        [[2.5, 2.5, 4.5, 4.5], [2.5, 2.5, 4.5, 4.5], [10.5, 10.5, 12.5, 12.5], [10.5, 10.5, 12.5, 12.5]]
+    )
+    assert torch.equal(coarse[0], expected)
+
+
+def test_coarsen_keeps_shape_and_block_mean():
+    x = field()
+
+    coarse = coarsen(x, 4)
+
+    assert coarse.shape == x.shape
+    blocks = coarse.reshape(4, 2, 12, 8, 4, 12, 4)
+    assert torch.allclose(blocks, blocks[:, :, :, :, :1, :, :1].expand_as(blocks))
+    assert torch.allclose(coarse.mean(dim=(-2, -1)), x.mean(dim=(-2, -1)), atol=1e-5)
+
+
+def test_coarsen_rejects_indivisible_grid():
+    with pytest.raises(ValueError, match="coarsening factor"):
+        coarsen(torch.zeros(1, 6, 8), 4)
+
+
+def test_corrupt_zero_fill():
+    x = field()
+    mask = forecast_mask(4, 2, GRID, 2)
+
+    inputs = corrupt(x, mask, TOKEN_SHAPE, "zero")
+
+    points = expand_token_mask(mask, TOKEN_SHAPE)
+    assert bool((inputs[points] == 0).all())
+    assert torch.equal(inputs[~points], x[~points])
+
+
+def test_corrupt_noise_fill():
+    x = field()
+    mask = bert_mask(4, 2, GRID, 0.5, torch.Generator().manual_seed(0))
+
+    inputs = corrupt(x, mask, TOKEN_SHAPE, "noise", generator=torch.Generator().manual_seed(1))
+
+    points = expand_token_mask(mask, TOKEN_SHAPE)
+    assert torch.equal(inputs[~points], x[~points])
+    assert not bool((inputs[points] == x[points]).any())
+    assert abs(float(inputs[points].std()) - 1.0) < 0.05
+
+
+def test_corrupt_coarsen_fill():
+    x = field()
+    mask = bert_mask(4, 2, GRID, 0.5, torch.Generator().manual_seed(0))
+
+    inputs = corrupt(x, mask, TOKEN_SHAPE, "coarsen", coarsen_factor=4)
+
+    points = expand_token_mask(mask, TOKEN_SHAPE)
+    assert torch.equal(inputs[points], coarsen(x, 4)[points])
+    assert torch.equal(inputs[~points], x[~points])
+
+
+def test_corrupt_fill_proportions():
+    x = field(batch=8)
+    mask = downscaling_mask(8, 2, GRID)
+    proportions = {"zero": 0.4, "noise": 0.2, "coarsen": 0.4}
+
+    inputs = corrupt(x, mask, TOKEN_SHAPE, proportions, 4, torch.Generator().manual_seed(3))
+
+    input_tokens = tokenise(inputs, TOKEN_SHAPE)
+    coarse_tokens = tokenise(coarsen(x, 4), TOKEN_SHAPE)
+    zero = (input_tokens == 0).all(dim=-1)
+    coarse = (input_tokens == coarse_tokens).all(dim=-1)
+    noise = ~zero & ~coarse
+    total = mask.numel()
+    assert abs(float(zero.sum()) / total - 0.4) < 0.05
+    assert abs(float(coarse.sum()) / total - 0.4) < 0.05
+    assert abs(float(noise.sum()) / total - 0.2) < 0.05
+
+
+def test_corrupt_rejects_unknown_fill():
+    x = field(batch=1)
+    with pytest.raises(ValueError, match="unknown fill"):
+        corrupt(x, downscaling_mask(1, 2, GRID), TOKEN_SHAPE, "mean")
+
+
+def test_sample_mask_forced_strategies():
+    x = field()
+    config = MaskingConfig(forecast_tokens=3)
+    generator = torch.Generator().manual_seed(0)
+
+    forecast = sample_mask(config, x, TOKEN_SHAPE, generator, strategy="forecast")
+    downscaling = sample_mask(config, x, TOKEN_SHAPE, generator, strategy="downscaling")
+
+    assert forecast.strategy == "forecast"
+    assert torch.equal(forecast.mask, forecast_mask(4, 2, GRID, 3))
+    assert torch.equal(downscaling.mask, downscaling_mask(4, 2, GRID))
+    assert torch.equal(downscaling.inputs, coarsen(x, 4))
+
+
+def test_sample_mask_forecast_only_weights():
+    config = MaskingConfig(weights=StrategyWeights(bert=0, forecast=1, interpolation=0))
+    generator = torch.Generator().manual_seed(0)
+
+    strategies = {sample_mask(config, field(batch=1), TOKEN_SHAPE, generator).strategy for _ in range(20)}
+
+    assert strategies == {"forecast"}
+
+
+def test_sample_mask_interpolation_inside_window():
+    config = MaskingConfig(weights=StrategyWeights(bert=0, forecast=0, interpolation=1), interpolation_tokens=[1, 2])
+    generator = torch.Generator().manual_seed(0)
+    x = field(batch=1, channels=1)
+
+    gaps = set()
+    for _ in range(50):
+        masked = sample_mask(config, x, TOKEN_SHAPE, generator)
+        time_tokens = masked.mask[0, 0, :, 0, 0]
+        assert not bool(time_tokens[0])
+        assert not bool(time_tokens[-1])
+        assert bool((masked.mask == masked.mask[:, :, :, :1, :1]).all())
+        gaps.add(int(time_tokens.sum()))
+
+    assert gaps == {1, 2}
+
+
+def test_sample_mask_bert_rates_and_fill():
+    config = MaskingConfig(
+        weights=StrategyWeights(bert=1, forecast=0, interpolation=0),
+        bert_max_rate=0.3,
+        bert_fill=FillProportions(zero=1, noise=0, coarsen=0),
+    )
+    x = field(batch=16, channels=1)
+
+    masked = sample_mask(config, x, TOKEN_SHAPE, torch.Generator().manual_seed(0))
+
+    rates = masked.mask.reshape(16, -1).float().mean(dim=1)
+    assert bool((rates <= 0.3 + 1 / 144).all())
+    assert bool((rates > 0).all())
+    assert len(set(rates.tolist())) > 1
+    points = expand_token_mask(masked.mask, TOKEN_SHAPE)
+    assert bool((masked.inputs[points] == 0).all())
+
+
+def test_sample_mask_strategy_frequencies():
+    config = MaskingConfig()
+    generator = torch.Generator().manual_seed(0)
+    x = field(batch=1, channels=1)
+
+    counts = {"bert": 0, "forecast": 0, "interpolation": 0, "downscaling": 0}
+    for _ in range(400):
+        counts[sample_mask(config, x, TOKEN_SHAPE, generator).strategy] += 1
+
+    assert counts["downscaling"] == 0
+    assert abs(counts["bert"] / 400 - 0.5) < 0.08
+    assert abs(counts["forecast"] / 400 - 0.25) < 0.08
+    assert abs(counts["interpolation"] / 400 - 0.25) < 0.08
+
+
+def test_sample_mask_generator_determinism():
+    config = MaskingConfig()
+    x = field()
+
+    def draw(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return [sample_mask(config, x, TOKEN_SHAPE, generator) for _ in range(10)]
+
+    first, again, other = draw(5), draw(5), draw(6)
+
+    for a, b in zip(first, again, strict=True):
+        assert a.strategy == b.strategy
+        assert torch.equal(a.mask, b.mask)
+        assert torch.equal(a.inputs, b.inputs)
+    assert any(not torch.equal(a.mask, b.mask) for a, b in zip(first, other, strict=True))
+
+
+def test_sample_mask_rejects_unknown_strategy():
+    with pytest.raises(ValueError, match="unknown masking strategy"):
+        sample_mask(MaskingConfig(), field(batch=1), TOKEN_SHAPE, strategy="inpainting")
