@@ -23,7 +23,7 @@ class DatasetNotFoundError(KeyError):
     """No catalog entry with the requested name."""
 
     def __str__(self) -> str:
-        # KeyError quotes its argument; a plain message reads better in tracebacks.
+        # KeyError.__str__ would quote the message, so return it unchanged.
         return str(self.args[0]) if self.args else ""
 
 
@@ -89,7 +89,7 @@ class Catalog:
         return path
 
     def remove(self, name: str) -> bool:
-        """Delete the entry `name`; return False when there was none. The Zarr store is left alone."""
+        """Delete the entry `name` and return whether it existed. The Zarr store is left alone."""
         path = self.entry_path(name)
         try:
             path.unlink()

@@ -1,11 +1,9 @@
 """Public sample files: look them up in `samples.yaml`, take them from a mirror or download them.
 
-A sample comes from one of two places:
-
-- the data mirror, when `ATMOREP_DATA_MIRROR` is set: the file `<mirror>/<mirror_path>`
-  is checked against its sha256 and used where it is, without a copy;
-- its canonical URL otherwise: the file is downloaded to `<dest>/<mirror_path>` (default
-  `dest` is `$ATMOREP_HOME/samples`), so that folder is itself laid out like a mirror.
+A sample comes from one of two places. When `ATMOREP_DATA_MIRROR` is set, the file
+`<mirror>/<mirror_path>` is checked against its sha256 and used where it is, without a
+copy. Otherwise the file is downloaded from its canonical URL to `<dest>/<mirror_path>`
+(default `dest` is `$ATMOREP_HOME/samples`), so that folder is itself laid out like a mirror.
 
 `ATMOREP_SAMPLE_BASE_URL` replaces the scheme and host of every sample URL, for a local
 copy of the public files.
@@ -73,7 +71,7 @@ def load_samples(path: Path = SAMPLES_FILE) -> dict[str, SampleEntry]:
 
 
 def get_sample(name: str) -> SampleEntry:
-    """Return the entry `name`; SampleNotFoundError lists the known names."""
+    """Return the entry `name`, or raise SampleNotFoundError listing the known names."""
     samples = load_samples()
     try:
         return samples[name]
@@ -109,7 +107,7 @@ def fetch_sample(name: str, dest: Path | None = None, *, base_url: str | None = 
             logger.info("reusing verified sample %s at %s", name, target)
             return target
         logger.warning(
-            "sample file %s has sha256 %s, expected %s; downloading it again", target, actual, sample.sha256
+            "sample file %s has sha256 %s, expected %s, so it is downloaded again", target, actual, sample.sha256
         )
 
     if sample.url is None:
@@ -127,7 +125,7 @@ def _sample_from_mirror(sample: SampleEntry, mirror: Path) -> Path:
     if not path.is_file():
         raise SampleUnavailableError(
             f"sample {sample.name!r} not found at {path}. {DATA_MIRROR_ENV}={mirror} must be a folder "
-            f"that contains {sample.mirror_path}; unset it to download from {sample.url or 'the public URL'}."
+            f"that contains {sample.mirror_path}, or unset it to download from {sample.url or 'the public URL'}."
         )
 
     actual = sha256_file(path)

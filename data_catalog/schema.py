@@ -35,7 +35,7 @@ def _validate_period(period: tuple[datetime, datetime]) -> tuple[datetime, datet
 
 
 Period = Annotated[tuple[datetime, datetime], AfterValidator(_validate_period)]
-"""Inclusive time range `(start, end)`, naive UTC; stored as two ISO 8601 strings."""
+"""Inclusive time range `(start, end)` in naive UTC, stored as two ISO 8601 strings."""
 
 
 class _Strict(BaseModel):
@@ -48,7 +48,7 @@ class SampleEntry(_Strict):
     name: Name
     url: str | None = Field(
         default=None,
-        description="Canonical public http(s) URL; None when no stable public address is known.",
+        description="Canonical public http(s) URL, or None when no stable public address is known.",
     )
     sha256: Sha256
     mirror_path: str = Field(description="Relative POSIX path of the file inside the data mirror folder.")
@@ -88,11 +88,11 @@ class VariableInfo(_Strict):
 
 
 class GridInfo(_Strict):
-    """Regular latitude-longitude grid in degrees; latitude runs north to south."""
+    """Regular latitude-longitude grid in degrees, with latitude running north to south."""
 
     latitude_first: float
     latitude_last: float
-    latitude_step: float = Field(description="Signed step in degrees; negative because latitude descends.")
+    latitude_step: float = Field(description="Signed step in degrees, negative because latitude descends.")
     longitude_first: float
     longitude_last: float
     longitude_step: float
@@ -135,7 +135,9 @@ class DatasetEntry(_Strict):
 
     name: Name
     zarr_path: str = Field(
-        description="Path of the Zarr store, relative to the catalog root unless absolute.",
+        description=(
+            "Path of the Zarr store. Ingest writes it absolute, and a relative path starts at the catalog root."
+        ),
     )
     variables: dict[str, VariableInfo]
     levels: list[float] | None = Field(default=None, description="Pressure levels in hPa, ascending.")

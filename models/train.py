@@ -382,12 +382,14 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO if context.is_main else logging.WARNING,
         format=f"%(asctime)s rank {context.rank} %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        config = load_preset(args.config)
-        run_training(config, args.output_dir, args.init_checkpoint, args.dataset_path, context)
-    finally:
-        if context.distributed:
-            dist.destroy_process_group()
+    config = load_preset(args.config)
+    run_training(config, args.output_dir, args.init_checkpoint, args.dataset_path, context)
+    if context.distributed:
+        # NOTE: a rank that closes its gloo connections while another is still writing
+        # the checkpoint can abort that rank (SIGABRT seen once with torch 2.13), so all
+        # ranks meet before the group is destroyed.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

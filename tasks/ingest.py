@@ -2,14 +2,14 @@
 
 Steps of `ingest_era5`:
 
-1. hash the sources and derive the recipe digest; reuse a complete dataset with that digest;
-2. decode each file (cfgrib for GRIB, h5netcdf or another NetCDF engine otherwise) and
-   rename it to the canonical dimensions `(time, [level,] latitude, longitude)`;
-3. validate each file and the combined dataset (dimensions, time axis, regular grid);
-4. select variables and check the train and test periods;
-5. compute statistics over the train period, normalise, and write Zarr format 3 into a
-   temporary folder beside the target, then rename it into place;
-6. publish the catalog entry, last, so an entry always points at a complete store.
+1. Hash the sources and derive the recipe digest. A complete dataset with that digest is reused.
+2. Decode each file (cfgrib for GRIB, h5netcdf or another NetCDF engine otherwise) and
+   rename it to the canonical dimensions `(time, [level,] latitude, longitude)`.
+3. Validate each file and the combined dataset (dimensions, time axis, regular grid).
+4. Select variables and check the train and test periods.
+5. Compute statistics over the train period, normalise, and write Zarr format 3 into a
+   temporary folder beside the target, then rename it into place.
+6. Publish the catalog entry last, so an entry always points at a complete store.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ INGEST_FORMAT_VERSION = 1
 
 GRIB_SUFFIXES = frozenset({".grib", ".grb", ".grib1", ".grib2", ".grb1", ".grb2"})
 NETCDF_SUFFIXES = frozenset({".nc", ".nc4", ".netcdf", ".cdf"})
-# Tried in order. h5netcdf reads NetCDF4/HDF5 files; scipy reads classic NetCDF3 files.
+# Engines tried in order, each only when its module is installed. h5netcdf reads NetCDF4 (HDF5)
+# files, netCDF4 reads both NetCDF4 and classic NetCDF3 files, and scipy reads NetCDF3 only.
 NETCDF_ENGINES = (("h5netcdf", "h5netcdf"), ("netcdf4", "netCDF4"), ("scipy", "scipy"))
 
 TIME, LEVEL, LATITUDE, LONGITUDE = "time", "level", "latitude", "longitude"
@@ -65,11 +66,14 @@ _GRID_STEP_RTOL = 1e-6
 
 
 class InvalidSourceError(ValueError):
-    """A source file cannot be decoded or does not fit the dataset format; the message names it."""
+    """Error for a source file that cannot be decoded or does not fit the dataset format.
+
+    The message names the file.
+    """
 
 
 class InvalidPeriodError(ValueError):
-    """A train or test period is empty, outside the data, or overlaps the other period."""
+    """Error for a train or test period that is empty, outside the data, or overlaps the other period."""
 
 
 @dataclass(frozen=True)
@@ -96,11 +100,12 @@ def ingest_era5(
     come from `train_period` only.
 
     Returns `reused=True` without writing when the catalog already has `name` with the
-    same digest and its store is complete. On any failure, no new `<name>.zarr` and no
-    new catalog entry remain; a previous dataset of the same name stays in place unless
-    the failure happens while it is being replaced.
+    same digest and its store is complete. A failure at any step leaves no new
+    `<name>.zarr` and no new catalog entry. A previous dataset of the same name stays
+    published, unless the failure happens during the final swap, after its entry was removed.
     """
     catalog = catalog if catalog is not None else Catalog()
+    target = catalog.default_zarr_path(name)
     paths = _resolve_sources(sources)
     if time_chunk < 1:
         raise ValueError(f"time_chunk must be a positive number of time steps, got {time_chunk}")
@@ -116,11 +121,10 @@ def ingest_era5(
         "time_chunk": time_chunk,
     }
     digest = dataset_digest([source.sha256 for source in source_files], parameters)
-    target = catalog.default_zarr_path(name)
 
     reusable = _find_reusable_entry(catalog, name, digest)
     if reusable is not None:
-        logger.info("dataset %s with digest %s is complete at %s; reusing it", name, digest[:12], target)
+        logger.info("dataset %s with digest %s is complete at %s, so it is reused", name, digest[:12], target)
         return IngestResult(entry=reusable, reused=True, zarr_path=catalog.resolve_zarr_path(reusable))
 
     logger.info("ingesting %d source file(s) into dataset %s (digest %s)", len(paths), name, digest[:12])
@@ -135,7 +139,7 @@ def ingest_era5(
 
     normalised = normalise(dataset, statistics).astype(np.float32)
     entry = _build_entry(
-        dataset, name, target, catalog, train, test, statistics, source_files, parameters, digest, time_chunk
+        dataset, name, target, train, test, statistics, source_files, parameters, digest, time_chunk
     )
     normalised.attrs = _store_attrs(entry)
     _write_and_publish(normalised, entry, catalog, target, time_chunk)
@@ -269,7 +273,7 @@ def _canonical_time(dataset: xr.Dataset, path: Path) -> xr.Dataset:
     """Replace reference time and step by one `time` dimension of valid times."""
     if "step" in dataset.dims:
         raise InvalidSourceError(
-            f"source {path} has {dataset.sizes['step']} forecast steps; ingest expects analyses with one "
+            f"source {path} has {dataset.sizes['step']} forecast steps, but ingest expects analyses with one "
             "valid time per field. Select a single step before ingesting."
         )
 
@@ -287,7 +291,7 @@ def _canonical_time(dataset: xr.Dataset, path: Path) -> xr.Dataset:
             dataset = dataset.drop_vars([name for name in (TIME, "valid_time") if name in dataset.variables])
             return dataset.expand_dims({TIME: [valid_time.values]})
         raise InvalidSourceError(
-            f"source {path} has valid_time with dims {valid_time.dims}; expected one valid time per field"
+            f"source {path} has valid_time with dims {valid_time.dims}, but ingest expects one valid time per field"
         )
 
     if TIME not in dataset.variables:
@@ -299,7 +303,7 @@ def _canonical_time(dataset: xr.Dataset, path: Path) -> xr.Dataset:
 
 
 def _canonical_level(dataset: xr.Dataset) -> xr.Dataset:
-    """Rename the pressure coordinate to `level` in hPa; a scalar level becomes a length-1 dimension."""
+    """Rename the pressure coordinate to `level` in hPa, and turn a scalar level into a length-1 dimension."""
     if "isobaricInPa" in dataset.variables:
         in_hpa = dataset["isobaricInPa"] / 100.0
         in_hpa.attrs = {"units": "hPa", "long_name": "pressure"}
@@ -374,7 +378,7 @@ def validate_combined(dataset: xr.Dataset, paths: Sequence[Path]) -> None:
             if not np.allclose(steps, steps[0], rtol=_GRID_STEP_RTOL, atol=0.0):
                 raise InvalidSourceError(
                     f"{dim} of {where} is not evenly spaced (steps from {steps.min()} to {steps.max()} "
-                    "degrees); ingest expects a regular latitude-longitude grid"
+                    "degrees), but ingest expects a regular latitude-longitude grid"
                 )
 
 
@@ -407,16 +411,19 @@ def _check_disjoint_times(datasets: Sequence[xr.Dataset], paths: Sequence[Path])
                 if shared.size:
                     raise InvalidSourceError(
                         f"variable {variable!r} appears at {shared.size} identical time(s) (first "
-                        f"{_iso(shared[0])}) in both {first_path} and {second_path}; remove one of the files"
+                        f"{_iso(shared[0])}) in both {first_path} and {second_path}. Remove one of the files."
                     )
 
 
 def select_variables(dataset: xr.Dataset, variables: list[str] | None, paths: Sequence[Path]) -> xr.Dataset:
-    """Keep the requested variables (all when None); raise naming any that are missing."""
+    """Keep the requested variables, or all of them when `variables` is None.
+
+    Raises InvalidSourceError naming the missing variables and listing the available ones.
+    """
     if variables is None:
         return dataset
     if not variables:
-        raise ValueError("variables is an empty list; pass None to keep all variables")
+        raise ValueError("variables is an empty list. Pass None to keep all variables.")
     missing = [variable for variable in variables if variable not in dataset.data_vars]
     if missing:
         raise InvalidSourceError(
@@ -442,8 +449,8 @@ def validate_periods(dataset: xr.Dataset, train: tuple[datetime, datetime], test
 
     if train[0] <= test[1] and test[0] <= train[1]:
         raise InvalidPeriodError(
-            f"train_period {_iso_period(train)} overlaps test_period {_iso_period(test)}; "
-            "the test period must not contribute to the normalisation statistics"
+            f"train_period {_iso_period(train)} overlaps test_period {_iso_period(test)}. "
+            "Choose disjoint periods, so the test period does not inform the normalisation statistics."
         )
 
 
@@ -454,7 +461,6 @@ def _build_entry(
     dataset: xr.Dataset,
     name: str,
     target: Path,
-    catalog: Catalog,
     train: tuple[datetime, datetime],
     test: tuple[datetime, datetime],
     statistics: dict[str, dict[str, list[float]]],
@@ -477,14 +483,9 @@ def _build_entry(
         for variable, values in dataset.data_vars.items()
     }
 
-    try:
-        zarr_path = str(target.relative_to(catalog.root))
-    except ValueError:
-        zarr_path = str(target)
-
     return DatasetEntry(
         name=name,
-        zarr_path=zarr_path,
+        zarr_path=str(target),
         variables=variables,
         levels=dataset[LEVEL].values.tolist() if LEVEL in dataset.dims else None,
         grid=GridInfo(
@@ -529,23 +530,25 @@ def _store_attrs(entry: DatasetEntry) -> dict[str, object]:
 
 
 def _find_reusable_entry(catalog: Catalog, name: str, digest: str) -> DatasetEntry | None:
-    """Return the published entry when it and its store both carry `digest`; None otherwise."""
+    """Return the published entry when it and its store both carry `digest`, else None."""
     if name not in catalog:
         return None
     try:
         entry = catalog.get(name)
     except ValueError as error:
-        logger.warning("catalog entry %s is invalid (%s); ingesting again", name, error)
+        logger.warning("catalog entry %s is invalid (%s), so the dataset is ingested again", name, error)
         return None
     if entry.digest != digest:
-        logger.info("dataset %s exists with digest %s; the new recipe differs", name, entry.digest[:12])
+        logger.info("dataset %s has digest %s, not %s, so it will be replaced", name, entry.digest[:12], digest[:12])
         return None
 
     path = catalog.resolve_zarr_path(entry)
     try:
         store = xr.open_zarr(path, consolidated=False)
     except (OSError, KeyError, ValueError) as error:
-        logger.warning("Zarr store %s of dataset %s cannot be opened (%s); ingesting again", path, name, error)
+        logger.warning(
+            "Zarr store %s of dataset %s cannot be opened (%s), so the dataset is ingested again", path, name, error
+        )
         return None
     with store:
         complete = (
@@ -554,7 +557,7 @@ def _find_reusable_entry(catalog: Catalog, name: str, digest: str) -> DatasetEnt
             and store.sizes.get(TIME) == entry.time_count
         )
     if not complete:
-        logger.warning("Zarr store %s does not match catalog entry %s; ingesting again", path, name)
+        logger.warning("Zarr store %s does not match catalog entry %s, so the dataset is ingested again", path, name)
         return None
     return entry
 
@@ -566,6 +569,9 @@ def _write_and_publish(
 
     The old entry is removed before the old store is replaced, so the catalog never
     points at a store from a different recipe.
+
+    NOTE: no lock guards two concurrent ingests of the same name. A race between them can
+    leave an entry whose digest differs from the store's, which Catalog.open_dataset rejects.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
@@ -593,10 +599,10 @@ def _write_and_publish(
 
 
 def _write_zarr(dataset: xr.Dataset, path: Path, time_chunk: int) -> None:
-    """Write Zarr format 3 chunked `time_chunk` steps by the whole grid, one time block at a time.
+    """Write Zarr format 3 in chunks of `time_chunk` steps by the whole grid, one time block at a time.
 
-    The first call creates the arrays and writes the coordinates; each further call
-    computes one block of dask chunks and writes it into its time region.
+    The first `to_zarr` call creates the arrays and writes the coordinates. Each further
+    call computes one block of dask chunks and writes it into its time region.
     """
     encoding = {
         str(variable): {"chunks": tuple(time_chunk if dim == TIME else values.sizes[dim] for dim in values.dims)}
@@ -619,7 +625,7 @@ def _resolve_sources(sources: Sequence[str | Path]) -> list[Path]:
     if isinstance(sources, (str, Path)):
         sources = [sources]
     if not sources:
-        raise ValueError("sources is empty; pass at least one GRIB or NetCDF file")
+        raise ValueError("sources is empty. Pass at least one GRIB or NetCDF file.")
 
     paths = []
     for source in sources:

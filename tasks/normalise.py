@@ -5,8 +5,8 @@ level (a single value for variables without a `level` dimension), in the variabl
 physical units, listed in the order of the dataset's `level` coordinate. They come from
 the training period only, so the test period never informs its own normalisation.
 
-Pure functions: no I/O. Arithmetic runs in float64, and results keep the input's floating
-precision with float32 as the minimum.
+These are pure functions without I/O. Arithmetic runs in float64, and results keep the
+input's floating precision, with float32 as the minimum.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _broadcastable_statistics(values: xr.DataArray, statistics: Statistics) -> t
     if mean.size != 1:
         raise ValueError(
             f"variable {values.name!r} has no {LEVEL_DIM!r} dimension but its statistics have "
-            f"{mean.size} values; select levels with .isel({LEVEL_DIM}=[...]) so the dimension is kept, "
+            f"{mean.size} values. Select levels with .isel({LEVEL_DIM}=[...]) so the dimension is kept, "
             "or use denormalise_array with level_index"
         )
     return float(mean[0]), float(std[0])
@@ -141,7 +141,7 @@ def _level_statistics(statistics: Statistics, variable: str, level_index: int | 
     if level_index is None:
         if len(means) != 1:
             raise ValueError(
-                f"variable {variable!r} has statistics for {len(means)} levels; pass level_index"
+                f"variable {variable!r} has statistics for {len(means)} levels, so pass level_index"
             )
         return float(means[0]), float(stds[0])
     if not 0 <= level_index < len(means):

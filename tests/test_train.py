@@ -230,7 +230,7 @@ def test_torchrun_train_and_resume(uk_zarr, mlflow_run, tmp_path):
 
     first = run_training(["--config", str(first_config), *arguments], env, TORCHRUN)
 
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, first.stderr[-8000:]
     done = json.loads((output / "done.json").read_text())
     assert done["step"] == 20
     assert np.isfinite(done["loss"])
@@ -253,7 +253,7 @@ def test_torchrun_train_and_resume(uk_zarr, mlflow_run, tmp_path):
     resume_config = write_config(tmp_path / "resume.json", SMALL_RUN | {"train.max_steps": 30})
     resumed = run_training(["--config", str(resume_config), *arguments], env, TORCHRUN)
 
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-8000:]
     assert "resuming from" in resumed.stderr
     assert "at step 20" in resumed.stderr
     assert json.loads((output / "done.json").read_text())["step"] == 30
@@ -274,7 +274,7 @@ def test_fine_tune_from_init_checkpoint(uk_zarr, tmp_path):
     data = ["--dataset-path", str(uk_zarr)]
 
     pretrained = run_training(["--config", str(pretrain_config), "--output-dir", str(pretrain), *data], env, [sys.executable])
-    assert pretrained.returncode == 0, pretrained.stderr[-3000:]
+    assert pretrained.returncode == 0, pretrained.stderr[-8000:]
 
     forecast_config = write_config(
         tmp_path / "forecast.json",
@@ -285,7 +285,7 @@ def test_fine_tune_from_init_checkpoint(uk_zarr, tmp_path):
          "--init-checkpoint", str(pretrain / "checkpoint.pt"), *data],
         env, [sys.executable],
     )
-    assert fine_tuned.returncode == 0, fine_tuned.stderr[-3000:]
+    assert fine_tuned.returncode == 0, fine_tuned.stderr[-8000:]
     assert "initialised model weights from" in fine_tuned.stderr
     assert json.loads((tmp_path / "forecast" / "done.json").read_text())["step"] == 3
     checkpoint = load_checkpoint(tmp_path / "forecast" / "checkpoint.pt")

@@ -1,0 +1,372 @@
+"""Tests of `tasks.ingest.ingest_era5` on real ERA5 GRIB and NetCDF files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import eccodes
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from data_catalog import Catalog
+from data_catalog.workspace import sha256_file
+from tasks.ingest import InvalidPeriodError, InvalidSourceError, ingest_era5
+
+UK_NAME = "era5-t2m-uk-2019-03"
+UK_TRAIN = ("2019-03-01T00:00:00", "2019-03-24T23:00:00")
+UK_TEST = ("2019-03-25T00:00:00", "2019-03-31T23:00:00")
+UK_TRAIN_STEPS = 24 * 24
+
+PL_TRAIN = ("2020-01-01T00:00:00", "2020-01-01T17:00:00")
+PL_TEST = ("2020-01-01T18:00:00", "2020-01-01T23:00:00")
+PL_LEVELS = [100, 200, 300, 400, 500, 550, 600, 650, 700, 750, 775, 800, 825, 850, 875, 900, 925, 950, 975, 1000]
+
+
+@pytest.fixture(scope="module")
+def uk_ingest(uk_t2m_grib, tmp_path_factory):
+    """The UK t2m GRIB ingested once into a temporary ATMOREP_HOME, set for the whole module."""
+    home = tmp_path_factory.mktemp("atmorep-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ATMOREP_HOME", str(home))
+        result = ingest_era5([uk_t2m_grib], UK_NAME, UK_TRAIN, UK_TEST)
+        yield home, result
+
+
+@pytest.fixture(scope="module")
+def uk_source(uk_t2m_grib):
+    """t2m [744, 33, 49] in K as float64, decoded directly by cfgrib."""
+    with xr.open_dataset(uk_t2m_grib, engine="cfgrib", backend_kwargs={"indexpath": ""}) as dataset:
+        return dataset["t2m"].values.astype(np.float64)
+
+
+@pytest.fixture
+def pl_files(data_mirror):
+    folder = data_mirror / "era5" / "era5-pl-2020-01-01"
+    return [folder / "ERA5_2020-01-01_pl_u.nc", folder / "ERA5_2020-01-01_pl_q.nc", folder / "ERA5_2020-01-01_sp.nc"]
+
+
+def write_grib_messages(source: Path, target: Path, indices: range | list[int]) -> Path:
+    """Copy the selected GRIB messages (0-based) of `source` into `target` unchanged."""
+    wanted = set(indices)
+    with open(source, "rb") as stream, open(target, "wb") as output:
+        index = 0
+        while (handle := eccodes.codes_grib_new_from_file(stream)) is not None:
+            try:
+                if index in wanted:
+                    output.write(eccodes.codes_get_message(handle))
+            finally:
+                eccodes.codes_release(handle)
+            index += 1
+    return target
+
+
+def assert_nothing_written(home: Path, name: str) -> None:
+    data_dir = home / "data"
+    leftovers = sorted(path.name for path in data_dir.iterdir()) if data_dir.exists() else []
+    assert leftovers == [], f"files left in {data_dir}: {leftovers}"
+    assert name not in Catalog(home).names()
+
+
+# --- the demo GRIB ------------------------------------------------------------------------
+
+
+def test_uk_store_layout(uk_ingest):
+    home, result = uk_ingest
+    store = Catalog().open_dataset(UK_NAME)
+
+    assert result.reused is False
+    assert result.zarr_path == home.resolve() / "data" / f"{UK_NAME}.zarr"
+    assert list(store.data_vars) == ["t2m"]
+    assert store["t2m"].dims == ("time", "latitude", "longitude")
+    assert store["t2m"].shape == (744, 33, 49)
+    assert store["t2m"].dtype == np.float32
+    assert store["t2m"].chunks[0][0] == 24
+    assert store["t2m"].attrs["units"] == "K"
+    assert zarr.open_group(result.zarr_path, mode="r").metadata.zarr_format == 3
+
+
+def test_uk_coordinates(uk_ingest):
+    store = Catalog().open_dataset(UK_NAME)
+    latitude = store["latitude"].values
+    times = store["time"].values
+
+    assert latitude[0] == 58.0
+    assert latitude[-1] == 50.0
+    assert np.all(np.diff(latitude) < 0)
+    assert np.all(np.diff(store["longitude"].values) > 0)
+    assert times.size == 744
+    assert times[0] == np.datetime64("2019-03-01T00:00")
+    assert times[-1] == np.datetime64("2019-03-31T23:00")
+    assert np.all(np.diff(times) == np.timedelta64(1, "h"))
+
+
+def test_uk_statistics_match_numpy(uk_ingest, uk_source):
+    _, result = uk_ingest
+    store = Catalog().open_dataset(UK_NAME)
+    train = uk_source[:UK_TRAIN_STEPS]
+
+    stored = store.attrs["statistics"]["t2m"]
+    assert stored["mean"] == pytest.approx([train.mean()], rel=1e-12)
+    assert stored["std"] == pytest.approx([train.std()], rel=1e-12)
+    assert result.entry.statistics["t2m"].mean == stored["mean"]
+    assert result.entry.statistics["t2m"].std == stored["std"]
+
+
+def test_uk_test_period_excluded(uk_ingest, uk_source):
+    store = Catalog().open_dataset(UK_NAME)
+    stored = store.attrs["statistics"]["t2m"]
+    normalised = store["t2m"].values
+
+    # The test week averages 0.51 K warmer than the train period, so the full-month mean is 0.11 K higher.
+    assert abs(stored["mean"][0] - uk_source.mean()) > 0.05
+    assert abs(stored["mean"][0] - uk_source[UK_TRAIN_STEPS:].mean()) > 0.3
+    assert float(normalised[:UK_TRAIN_STEPS].mean(dtype=np.float64)) == pytest.approx(0.0, abs=1e-5)
+    assert abs(float(normalised[UK_TRAIN_STEPS:].mean(dtype=np.float64))) > 0.05
+
+
+def test_uk_entry_and_attrs(uk_ingest, uk_t2m_grib):
+    home, result = uk_ingest
+    entry = Catalog().get(UK_NAME)
+    attrs = Catalog().open_dataset(UK_NAME).attrs
+
+    assert entry == result.entry
+    assert entry.zarr_path == str(home.resolve() / "data" / f"{UK_NAME}.zarr")
+    assert entry.time_count == 744
+    assert entry.grid.shape == (33, 49)
+    assert entry.grid.latitude_step == -0.25
+    assert entry.levels is None
+    assert attrs["train_period"] == list(UK_TRAIN)
+    assert attrs["test_period"] == list(UK_TEST)
+    assert attrs["digest"] == entry.digest
+    assert attrs["name"] == UK_NAME
+    source = attrs["provenance"]["sources"][0]
+    assert source["path"] == str(uk_t2m_grib.resolve())
+    assert source["sha256"] == sha256_file(uk_t2m_grib)
+    assert source["size"] == uk_t2m_grib.stat().st_size
+    packages = attrs["provenance"]["packages"]
+    for package in ("xarray", "zarr", "cfgrib", "eccodes", "numpy", "dask"):
+        assert package in packages
+
+
+def test_uk_rerun_reuses_store(uk_ingest, uk_t2m_grib):
+    home, first = uk_ingest
+    store_metadata = first.zarr_path / "zarr.json"
+    entry_file = home / "catalog" / f"{UK_NAME}.yaml"
+    before = (store_metadata.stat().st_mtime_ns, entry_file.stat().st_mtime_ns)
+
+    again = ingest_era5([uk_t2m_grib], UK_NAME, UK_TRAIN, UK_TEST)
+
+    assert again.reused is True
+    assert again.entry == first.entry
+    assert (store_metadata.stat().st_mtime_ns, entry_file.stat().st_mtime_ns) == before
+
+
+def test_no_index_files_beside_inputs(uk_ingest, uk_t2m_grib):
+    assert list(uk_t2m_grib.parent.glob("*.idx")) == []
+
+
+# --- replacement and failures -------------------------------------------------------------
+
+
+def test_new_recipe_replaces_dataset(uk_t2m_grib, tmp_path):
+    catalog = Catalog(tmp_path)
+    first = ingest_era5([uk_t2m_grib], UK_NAME, UK_TRAIN, UK_TEST, catalog=catalog)
+
+    second = ingest_era5(
+        [uk_t2m_grib], UK_NAME, UK_TRAIN, UK_TEST, time_chunk=48, catalog=catalog
+    )
+
+    assert second.reused is False
+    assert second.entry.digest != first.entry.digest
+    assert catalog.get(UK_NAME).digest == second.entry.digest
+    assert catalog.open_dataset(UK_NAME)["t2m"].chunks[0][0] == 48
+    assert sorted(path.name for path in (tmp_path / "data").iterdir()) == [f"{UK_NAME}.zarr"]
+
+
+def test_write_failure_leaves_nothing(uk_t2m_grib, tmp_path, monkeypatch):
+    original = xr.Dataset.to_zarr
+    calls = []
+
+    def fail_on_third_call(self, *args, **kwargs):
+        calls.append(kwargs.get("region"))
+        if len(calls) == 3:
+            raise OSError("disk full (injected)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", fail_on_third_call)
+
+    with pytest.raises(OSError, match="injected"):
+        ingest_era5([uk_t2m_grib], UK_NAME, UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path))
+
+    assert len(calls) == 3
+    assert_nothing_written(tmp_path, UK_NAME)
+
+
+def test_publish_failure_leaves_nothing(uk_t2m_grib, tmp_path, monkeypatch):
+    def fail(self, entry):
+        raise OSError("catalog not writable (injected)")
+
+    monkeypatch.setattr(Catalog, "publish", fail)
+
+    with pytest.raises(OSError, match="injected"):
+        ingest_era5([uk_t2m_grib], UK_NAME, UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path))
+
+    assert_nothing_written(tmp_path, UK_NAME)
+
+
+def test_truncated_grib_names_file(data_mirror, tmp_path):
+    corrupted = data_mirror / "era5" / "unusual" / "era5-levels-corrupted.grib"
+
+    with pytest.raises(InvalidSourceError, match="WrongLengthError") as raised:
+        ingest_era5([corrupted], "corrupted", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path))
+
+    assert str(corrupted) in str(raised.value)
+    assert_nothing_written(tmp_path, "corrupted")
+
+
+def test_mixed_level_units_grib_names_file(data_mirror, tmp_path):
+    mixed = data_mirror / "era5" / "unusual" / "hpa_and_pa.grib"
+
+    with pytest.raises(InvalidSourceError) as raised:
+        ingest_era5([mixed], "mixed", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path))
+
+    assert str(mixed) in str(raised.value)
+
+
+def test_ensemble_members_rejected(data_mirror, tmp_path):
+    members = data_mirror / "era5" / "era5-levels-members.grib"
+
+    with pytest.raises(InvalidSourceError, match=r"unsupported dimensions \['number'\]") as raised:
+        ingest_era5([members], "members", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path))
+
+    assert str(members) in str(raised.value)
+
+
+def test_south_to_north_grib_flipped(data_mirror):
+    from tasks.ingest import open_sources
+
+    path = data_mirror / "era5" / "unusual" / "scanning_mode_64.grib"
+    with xr.open_dataset(path, engine="cfgrib", backend_kwargs={"indexpath": ""}) as raw:
+        source = raw["skt"].values
+        source_latitude = raw["latitude"].values
+
+    dataset = open_sources([path])
+
+    assert source_latitude[0] < source_latitude[-1]
+    assert dataset["skt"].dims == ("time", "latitude", "longitude")
+    assert dataset["latitude"].values[0] == 90.0
+    np.testing.assert_array_equal(dataset["skt"].values[0], source[::-1])
+
+
+# --- several files ------------------------------------------------------------------------
+
+
+def test_grib_split_by_time_combined(uk_t2m_grib, uk_source, tmp_path):
+    late = write_grib_messages(uk_t2m_grib, tmp_path / "late.grib", range(300, 744))
+    early = write_grib_messages(uk_t2m_grib, tmp_path / "early.grib", range(0, 300))
+    catalog = Catalog(tmp_path / "home")
+
+    result = ingest_era5([late, early], UK_NAME, UK_TRAIN, UK_TEST, catalog=catalog)
+    store = catalog.open_dataset(UK_NAME)
+
+    assert store.sizes["time"] == 744
+    assert result.entry.statistics["t2m"].mean == pytest.approx([uk_source[:UK_TRAIN_STEPS].mean()], rel=1e-12)
+    assert list(tmp_path.glob("*.idx")) == []
+
+
+def test_grib_time_gap_rejected(uk_t2m_grib, tmp_path):
+    gappy = write_grib_messages(uk_t2m_grib, tmp_path / "gap.grib", [*range(0, 100), *range(101, 744)])
+
+    with pytest.raises(InvalidSourceError, match="not regular") as raised:
+        ingest_era5([gappy], UK_NAME, UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path / "home"))
+
+    message = str(raised.value)
+    assert str(gappy) in message
+    assert "2019-03-05T03:00:00" in message
+
+
+def test_overlapping_files_rejected(uk_t2m_grib, tmp_path):
+    early = write_grib_messages(uk_t2m_grib, tmp_path / "early.grib", range(0, 400))
+    late = write_grib_messages(uk_t2m_grib, tmp_path / "late.grib", range(390, 744))
+
+    with pytest.raises(InvalidSourceError, match="10 identical time") as raised:
+        ingest_era5([early, late], UK_NAME, UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path / "home"))
+
+    assert str(early) in str(raised.value)
+    assert str(late) in str(raised.value)
+
+
+def test_netcdf_levels(pl_files, tmp_path):
+    catalog = Catalog(tmp_path)
+
+    result = ingest_era5(pl_files, "era5-pl-2020-01-01", PL_TRAIN, PL_TEST, catalog=catalog)
+    store = catalog.open_dataset("era5-pl-2020-01-01")
+
+    assert sorted(store.data_vars) == ["q", "sp", "u"]
+    assert store["u"].dims == ("time", "level", "latitude", "longitude")
+    assert store["u"].shape == (24, 20, 41, 41)
+    assert store["sp"].dims == ("time", "latitude", "longitude")
+    assert store["level"].values.tolist() == PL_LEVELS
+    assert result.entry.levels == PL_LEVELS
+    assert result.entry.variables["u"].has_levels is True
+    assert result.entry.variables["sp"].units == "Pa"
+    assert store["latitude"].values[0] == 55.0
+    assert len(store.attrs["statistics"]["u"]["mean"]) == 20
+    assert len(store.attrs["statistics"]["sp"]["mean"]) == 1
+
+
+def test_netcdf_statistics_per_level(pl_files, tmp_path):
+    catalog = Catalog(tmp_path)
+    result = ingest_era5(pl_files[:1], "era5-u-2020-01-01", PL_TRAIN, PL_TEST, catalog=catalog)
+    with xr.open_dataset(pl_files[0], engine="h5netcdf") as raw:
+        source = raw["u"].transpose("time", "level", "latitude", "longitude").sortby("level").values
+
+    train = source[:18].astype(np.float64)
+
+    np.testing.assert_allclose(result.entry.statistics["u"].mean, train.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(result.entry.statistics["u"].std, train.std(axis=(0, 2, 3)), rtol=1e-12)
+
+
+def test_variable_selection(pl_files, tmp_path):
+    catalog = Catalog(tmp_path)
+
+    result = ingest_era5(pl_files, "u-only", PL_TRAIN, PL_TEST, variables=["u"], catalog=catalog)
+
+    assert list(catalog.open_dataset("u-only").data_vars) == ["u"]
+    assert list(result.entry.statistics) == ["u"]
+
+
+def test_missing_variable_lists_available(pl_files, tmp_path):
+    with pytest.raises(InvalidSourceError, match=r"\['t'\] not found") as raised:
+        ingest_era5(pl_files, "missing", PL_TRAIN, PL_TEST, variables=["t"], catalog=Catalog(tmp_path))
+
+    assert "['q', 'sp', 'u']" in str(raised.value)
+
+
+def test_same_file_twice_rejected(pl_files, tmp_path):
+    with pytest.raises(ValueError, match="listed twice"):
+        ingest_era5([pl_files[2], pl_files[2]], "twice", PL_TRAIN, PL_TEST, catalog=Catalog(tmp_path))
+
+
+# --- periods ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("train", "test", "match"),
+    [
+        (("2020-01-01T00:00:00", "2020-01-01T12:00:00"), ("2020-01-01T12:00:00", "2020-01-01T23:00:00"), "overlaps"),
+        (("2020-01-01T10:00:00", "2020-01-01T23:00:00"), ("2020-01-01T00:00:00", "2020-01-01T15:00:00"), "overlaps"),
+        (("2019-12-31T00:00:00", "2020-01-01T12:00:00"), PL_TEST, "train_period .* is outside the data"),
+        (PL_TRAIN, ("2020-01-01T18:00:00", "2020-01-02T06:00:00"), "test_period .* is outside the data"),
+        (("2020-01-01T12:00:00", "2020-01-01T00:00:00"), PL_TEST, "after its end"),
+        (PL_TRAIN, ("2020-01-01T18:10:00", "2020-01-01T18:50:00"), "contains no time step"),
+        (PL_TRAIN, "2020-01-01", "not a .start, end. pair"),
+    ],
+)
+def test_invalid_periods(pl_files, tmp_path, train, test, match):
+    with pytest.raises(InvalidPeriodError, match=match):
+        ingest_era5(pl_files[2:], "periods", train, test, catalog=Catalog(tmp_path))
+
+    assert_nothing_written(tmp_path, "periods")
