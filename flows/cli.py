@@ -25,6 +25,9 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+if os.environ.get("PREFECT_HOME"):
+    # Prefect does not create missing parents of its home folder.
+    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
 
 from flows.params import (  # noqa: E402
     EvaluateParams,
@@ -173,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     if arguments.command == "lineage":
         from tasks.lineage import format_lineage, model_lineage

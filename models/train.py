@@ -385,9 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     config = load_preset(args.config)
     run_training(config, args.output_dir, args.init_checkpoint, args.dataset_path, context)
     if context.distributed:
-        # NOTE: a rank that closes its gloo connections while another is still writing
-        # the checkpoint can abort that rank (SIGABRT seen once with torch 2.13), so all
-        # ranks meet before the group is destroyed.
+        # All ranks meet first, so no rank closes its gloo connections while rank 0 still
+        # writes files. NOTE: one test run saw rank 1 abort (SIGABRT) near the end of
+        # training before this barrier existed, and it is unconfirmed that this was the cause.
         dist.barrier()
         dist.destroy_process_group()
 

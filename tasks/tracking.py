@@ -14,13 +14,14 @@ import logging
 import os
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, RunStatus
 
@@ -206,7 +207,11 @@ def log_dataset_input(run_id: str, name: str, zarr_path: Path, digest: str, cont
     MLflow has no Zarr dataset type, so the dataset is a metadata-only `MetaDataset`
     whose digest is the catalog's recipe digest.
     """
-    dataset = MetaDataset(source=LocalArtifactDatasetSource(str(zarr_path)), name=name, digest=digest[:36])
+    with warnings.catch_warnings():
+        # Two registered local sources both accept a path; MLflow picks the local one.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(zarr_path))
+    dataset = MetaDataset(source=source, name=name, digest=digest[:36])
     dataset_input = DatasetInput(
         dataset=dataset._to_mlflow_entity(),
         tags=[InputTag(key="mlflow.data.context", value=context)],
