@@ -138,8 +138,10 @@ class AtmoRep(nn.Module):
         """Predict the whole field from a masked input.
 
         x: [B, C, T, H, W] model input in normalised units, with masked tokens already
-        corrupted (see `models.masking.corrupt`); mask: [B, C, nT, nH, nW] bool, True =
-        masked; time_features: [B, T, 4]. Returns [B, C, T, H, W] in normalised units.
+        corrupted by `models.masking.corrupt`.
+        mask: [B, C, nT, nH, nW] bool, True = masked.
+        time_features: [B, T, 4], see `models.data.time_features`.
+        Returns [B, C, T, H, W] in normalised units.
         """
         self._check_inputs(x, mask, time_features)
         batch = x.shape[0]

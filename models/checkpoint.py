@@ -71,7 +71,7 @@ def save_checkpoint(
     loss: float | None = None,
     rng: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Write a checkpoint to `path` atomically; see the module docstring for its keys."""
+    """Write a checkpoint to `path` atomically. The module docstring lists its keys."""
     checkpoint = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,

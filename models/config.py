@@ -89,7 +89,7 @@ class ModelConfig(_Schema):
 
     @property
     def channels(self) -> list[tuple[str, int | None]]:
-        """(variable, level) of each channel in order; the level is None for single-level fields."""
+        """Channel (variable, level) pairs in order, with level None for single-level fields."""
         levels = self.levels or {}
         result: list[tuple[str, int | None]] = []
         for variable in self.variables:
@@ -115,7 +115,7 @@ class ModelConfig(_Schema):
 
 
 class StrategyWeights(_Schema):
-    """Relative frequency of each masking strategy; one strategy is drawn per batch."""
+    """Relative frequencies of the masking strategies. One strategy is drawn per batch."""
 
     bert: float = Field(default=0.5, ge=0)
     forecast: float = Field(default=0.25, ge=0)
@@ -154,7 +154,7 @@ class MaskingConfig(_Schema):
     interpolation_tokens: list[int] = Field(
         default_factory=lambda: [1, 2],
         min_length=1,
-        description="Gap lengths in time tokens; one is drawn per batch.",
+        description="Gap lengths in time tokens. One is drawn per batch.",
     )
     bert_fill: FillProportions = Field(default_factory=FillProportions)
     coarsen_factor: int = Field(
@@ -171,12 +171,14 @@ class TrainConfig(_Schema):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_steps: int = Field(default=50, ge=0)
-    grad_clip: float | None = Field(default=1.0, gt=0, description="Max gradient norm; None disables clipping.")
+    grad_clip: float | None = Field(
+        default=1.0, gt=0, description="Maximum gradient norm, or None for no clipping."
+    )
     seed: int = Field(default=0, ge=0)
     log_every: int = Field(default=10, ge=1)
     checkpoint_every: int = Field(default=100, ge=1)
     num_threads: int | None = Field(
-        default=None, ge=1, description="torch threads per process; None means 1."
+        default=None, ge=1, description="torch threads per process, or None for 1."
     )
     time_stride: int = Field(default=1, ge=1, description="Time steps between consecutive window starts.")
     spatial_stride: int = Field(

@@ -52,7 +52,7 @@ def select_channels(
     channels = []
     for variable in variables:
         if variable not in ds.data_vars:
-            raise KeyError(f"variable {variable!r} not found in dataset; it has {sorted(ds.data_vars)}")
+            raise KeyError(f"variable {variable!r} not found in the dataset, which has {sorted(ds.data_vars)}")
         array = ds[variable]
         if "level" in array.dims:
             if variable not in levels:
@@ -63,14 +63,17 @@ def select_channels(
             missing = sorted(set(levels[variable]) - set(array["level"].values.tolist()))
             if missing:
                 raise ValueError(
-                    f"levels {missing} of variable {variable!r} not found; the dataset has "
-                    f"{array['level'].values.tolist()}"
+                    f"levels {missing} of variable {variable!r} not found in the dataset, which "
+                    f"has levels {array['level'].values.tolist()}"
                 )
             for level in levels[variable]:
                 channels.append(array.sel(level=level).drop_vars("level"))
         else:
             if variable in levels:
-                raise ValueError(f"variable {variable!r} has no level dimension, but model.levels lists levels for it")
+                raise ValueError(
+                    f"variable {variable!r} has no level dimension, but model.levels lists levels for it: "
+                    "remove them"
+                )
             channels.append(array)
 
     stacked = xr.concat(channels, dim="channel", coords="minimal", compat="override", join="exact")
@@ -82,9 +85,9 @@ class WindowDataset(Dataset):
 
     Window starts are every `time_stride` steps inside `period` (inclusive ISO bounds). A
     window is kept only if its time steps are exactly one hour apart, so windows that
-    straddle a gap in the time coordinate are skipped. With `random_crop` the crop offset
-    is drawn per sample from a generator seeded by (seed, epoch, index) and restricted to
-    multiples of `spatial_stride`; without it the crop starts at the north-west corner.
+    straddle a gap in the time coordinate are skipped. With `random_crop`, each sample's
+    crop offset is a multiple of `spatial_stride` drawn from a generator seeded by (seed,
+    epoch, index). Without it, every crop starts at the north-west corner of the grid.
 
     Each item is `(x [C, T, H, W] float32, time_features [T, 4] float32)`.
     """

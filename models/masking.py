@@ -35,7 +35,8 @@ FILLS = ("zero", "noise", "coarsen")
 class MaskedBatch:
     """Model input built by one masking strategy.
 
-    inputs: [B, C, T, H, W] corrupted field; mask: [B, C, nT, nH, nW] bool, True = masked.
+    inputs: [B, C, T, H, W] corrupted field.
+    mask: [B, C, nT, nH, nW] bool, True = masked.
     """
 
     inputs: Tensor
@@ -153,7 +154,8 @@ def corrupt(
 ) -> Tensor:
     """Build the model input by replacing the content of masked tokens.
 
-    x: [B, C, T, H, W] normalised field; mask: [B, C, nT, nH, nW] bool.
+    x: [B, C, T, H, W] normalised field.
+    mask: [B, C, nT, nH, nW] bool.
     `fill` is "zero", "noise" (standard normal) or "coarsen" for every masked token, or a
     mapping of proportions such as {"zero": 0.4, "noise": 0.2, "coarsen": 0.4} from which
     each masked token draws its own fill. Unmasked tokens are returned unchanged.
@@ -233,8 +235,9 @@ def sample_mask(
 def masked_mse(prediction: Tensor, target: Tensor, mask: Tensor, token_shape: tuple[int, int, int]) -> Tensor:
     """Mean squared error over the grid points of masked tokens only.
 
-    prediction, target: [B, C, T, H, W]; mask: [B, C, nT, nH, nW] bool. Every masked token
-    weighs the same. Returns a scalar tensor in squared normalised units. Raises ValueError
+    prediction, target: [B, C, T, H, W].
+    mask: [B, C, nT, nH, nW] bool.
+    Every masked token weighs the same. Returns a scalar tensor in squared normalised units. Raises ValueError
     when no token is masked, because the mean would be undefined.
     """
     if prediction.shape != target.shape:

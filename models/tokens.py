@@ -28,7 +28,7 @@ def tokenise(x: Tensor, token_shape: tuple[int, int, int]) -> Tensor:
     """Cut a field into tokens.
 
     x: [B, C, T, H, W] -> tokens: [B, C, nT, nH, nW, tT * tH * tW], where the last axis
-    holds one token's values in (time, latitude, longitude) order.
+    contains one token's values in (time, latitude, longitude) order.
     """
     batch, channels, steps, height, width = x.shape
     n_time, n_lat, n_lon = grid_tokens((steps, height, width), token_shape)
@@ -40,7 +40,7 @@ def tokenise(x: Tensor, token_shape: tuple[int, int, int]) -> Tensor:
 
 
 def detokenise(tokens: Tensor, token_shape: tuple[int, int, int]) -> Tensor:
-    """Reassemble a field from tokens; the inverse of `tokenise`.
+    """Reassemble a field from tokens, inverting `tokenise`.
 
     tokens: [B, C, nT, nH, nW, tT * tH * tW] -> x: [B, C, nT * tT, nH * tH, nW * tW].
     """

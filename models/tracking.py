@@ -1,8 +1,8 @@
 """Metric tracking for training, the only place where `models` touches MLflow.
 
-The training process does not create MLflow runs. Whoever launches it creates the run and
-passes its id in `ATMOREP_MLFLOW_RUN_ID` (tracking server or store in
-`MLFLOW_TRACKING_URI`). Without a run id nothing is tracked. A failed tracking call is
+The training process does not create MLflow runs. The launcher creates the run and passes
+its id in `ATMOREP_MLFLOW_RUN_ID`, with the tracking server or store in
+`MLFLOW_TRACKING_URI`. Without a run id nothing is tracked. A failed tracking call is
 logged as a warning and never stops training.
 """
 
@@ -80,7 +80,9 @@ def tracker_from_env() -> Tracker:
     try:
         tracker = MlflowTracker(run_id, os.environ.get("MLFLOW_TRACKING_URI"))
     except Exception as error:  # noqa: BLE001 - a missing tracker must not stop training
-        logger.warning("MLflow tracker for run %s could not be created, metrics are not tracked: %s", run_id, error)
+        logger.warning(
+            "MLflow tracker for run %s could not be created, metrics are not tracked: %s", run_id, error
+        )
         return NullTracker()
     logger.info("tracking metrics in MLflow run %s", run_id)
     return tracker

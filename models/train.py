@@ -118,7 +118,7 @@ def open_training_dataset(config: RunConfig, dataset_path: str | Path | None) ->
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
-    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at max_steps."""
+    """Return the learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at max_steps."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
@@ -126,7 +126,7 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
 
 
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on the weights of linear layers only.
+    """Build AdamW with weight decay on the weights of linear layers only.
 
     Biases, layer norms and the position, channel and mask embeddings get no decay.
     """
@@ -174,8 +174,9 @@ def restore_training_state(
 ) -> TrainingState:
     """Resume from `output_dir/checkpoint.pt` if present, else load `init_checkpoint` weights, else start fresh.
 
-    Resuming restores weights, optimizer, scheduler, step and random states. An init
-    checkpoint contributes only model weights, for fine-tuning. Both raise ValueError when
+    Resuming restores weights, optimizer, scheduler, step and random states, while the
+    learning-rate schedule follows the current `train.max_steps` and `train.warmup_steps`.
+    An init checkpoint contributes only model weights, for fine-tuning. Both raise ValueError when
     the checkpoint's model settings differ from `config.model`.
     """
     resume_path = output_dir / CHECKPOINT_NAME
@@ -247,7 +248,9 @@ def train_loop(
 
     model.train()
     interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
-    progress = tqdm(total=train.max_steps, initial=state.step, desc="train", disable=None if context.is_main else True)
+    # disable=None shows the bar only when stderr is a terminal.
+    show_progress = None if context.is_main else True
+    progress = tqdm(total=train.max_steps, initial=state.step, desc="train", disable=show_progress)
     while state.step < train.max_steps:
         # Skipping the batches already seen this epoch makes a resumed run see the same data.
         epoch, seen_batches = divmod(state.step, steps_per_epoch)
@@ -366,7 +369,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", required=True, type=Path, help="folder for checkpoint.pt and done.json")
     parser.add_argument(
         "--init-checkpoint", type=Path, default=None,
-        help="checkpoint whose model weights initialise the model (fine-tuning); ignored when resuming",
+        help="checkpoint whose model weights initialise the model for fine-tuning, ignored when resuming",
     )
     parser.add_argument(
         "--dataset-path", type=Path, default=None,
@@ -386,8 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     run_training(config, args.output_dir, args.init_checkpoint, args.dataset_path, context)
     if context.distributed:
         # All ranks meet first, so no rank closes its gloo connections while rank 0 still
-        # writes files. NOTE: one test run saw rank 1 abort (SIGABRT) near the end of
-        # training before this barrier existed, and it is unconfirmed that this was the cause.
+        # writes files. NOTE: without this barrier, one 2-process CPU run ended with SIGABRT
+        # on rank 1. Whether the barrier prevents that is unconfirmed.
         dist.barrier()
         dist.destroy_process_group()
 

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvaluationReport:
-    """What an evaluation run logged: the RMSE rows and the markdown report."""
+    """RMSE rows and markdown report of one logged evaluation."""
 
     rows: list[dict]
     markdown: str

@@ -132,7 +132,7 @@ def test_pretrain_deployment_completes(prefect_env):
     runs = client.search_runs([experiment.experiment_id], "tags.`atmorep.stage` = 'pretrain'")
     assert len(runs) == 1
     assert runs[0].info.status == "FINISHED"
-    assert "loss" in runs[0].data.metrics
+    assert "train/loss" in runs[0].data.metrics
     assert runs[0].data.tags["atmorep.prefect_flow_run_id"]
-    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
     assert len(history) >= 1

@@ -198,7 +198,9 @@ def test_sample_mask_forecast_only_weights():
 
 
 def test_sample_mask_interpolation_inside_window():
-    config = MaskingConfig(weights=StrategyWeights(bert=0, forecast=0, interpolation=1), interpolation_tokens=[1, 2])
+    config = MaskingConfig(
+        weights=StrategyWeights(bert=0, forecast=0, interpolation=1), interpolation_tokens=[1, 2]
+    )
     generator = torch.Generator().manual_seed(0)
     x = field(batch=1, channels=1)
 

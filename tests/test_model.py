@@ -36,7 +36,8 @@ def test_demo_preset_values():
 
 
 def test_preset_dotted_overrides():
-    config = load_preset("demo", {"train.max_steps": 7, "masking.weights": {"forecast": 1, "bert": 0, "interpolation": 0}})
+    forecast_only = {"forecast": 1, "bert": 0, "interpolation": 0}
+    config = load_preset("demo", {"train.max_steps": 7, "masking.weights": forecast_only})
 
     assert config.train.max_steps == 7
     assert config.masking.weights.forecast == 1
@@ -114,7 +115,8 @@ def test_forward_demo_shape():
 
 
 def test_forward_multi_channel_shape():
-    config = ModelConfig.model_validate(SMALL.model_dump() | {"variables": ["t2m", "t"], "levels": {"t": [850, 500]}})
+    levels = {"variables": ["t2m", "t"], "levels": {"t": [850, 500]}}
+    config = ModelConfig.model_validate(SMALL.model_dump() | levels)
     model = AtmoRep(config)
     x, mask, time_features = inputs(config, batch=3)
 

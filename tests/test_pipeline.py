@@ -107,7 +107,7 @@ def test_pipeline_metrics_named_by_convention(mlflow_client):
         for name in TASK_METRICS:
             assert name in metrics, f"{stage} lacks {name}"
             assert metrics[name] > 0, f"{stage} {name} = {metrics[name]}"
-    assert "loss" in runs["pretrain"].data.metrics
+    assert "train/loss" in runs["pretrain"].data.metrics
 
 
 def test_pipeline_artifacts_logged(mlflow_client):

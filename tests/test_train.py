@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from mlflow.tracking import MlflowClient
 
+import models.train as train
+from models.atmorep import AtmoRep
 from models.checkpoint import load_checkpoint, load_model
 from models.config import load_preset
 from models.data import WindowDataset, time_features
@@ -144,7 +148,9 @@ def test_windows_reject_large_crop(uk_ds):
 
 def test_windows_multi_level_channels(data_mirror):
     folder = data_mirror / "era5" / "era5-pl-2020-01-01"
-    ds = xr.merge([xr.open_dataset(folder / "ERA5_2020-01-01_pl_u.nc"), xr.open_dataset(folder / "ERA5_2020-01-01_u10.nc")])
+    u = xr.open_dataset(folder / "ERA5_2020-01-01_pl_u.nc")
+    u10 = xr.open_dataset(folder / "ERA5_2020-01-01_u10.nc")
+    ds = xr.merge([u, u10])
     period = ("2020-01-01T00", "2020-01-01T23")
 
     dataset = WindowDataset(ds, ["u10", "u"], period, (4, 32, 32), levels={"u": [850, 500]}, random_crop=False)
@@ -192,7 +198,7 @@ def write_config(path: Path, overrides: dict) -> Path:
     return path
 
 
-def run_training(arguments: list[str], env: dict[str, str], launcher: list[str]) -> subprocess.CompletedProcess:
+def launch_training(arguments: list[str], env: dict[str, str], launcher: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*launcher, "-m", "models.train", *arguments],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -211,8 +217,6 @@ SMALL_RUN = {
 @pytest.fixture(scope="module")
 def mlflow_run(tmp_path_factory):
     """A fresh MLflow run in a sqlite store, returned as (tracking_uri, run_id)."""
-    from mlflow.tracking import MlflowClient
-
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("train-test")
@@ -228,7 +232,7 @@ def test_torchrun_train_and_resume(uk_zarr, mlflow_run, tmp_path):
     first_config = write_config(tmp_path / "first.json", SMALL_RUN | {"train.max_steps": 20})
     arguments = ["--output-dir", str(output), "--dataset-path", str(uk_zarr)]
 
-    first = run_training(["--config", str(first_config), *arguments], env, TORCHRUN)
+    first = launch_training(["--config", str(first_config), *arguments], env, TORCHRUN)
 
     assert first.returncode == 0, first.stderr[-8000:]
     done = json.loads((output / "done.json").read_text())
@@ -240,18 +244,18 @@ def test_torchrun_train_and_resume(uk_zarr, mlflow_run, tmp_path):
     optimizer_steps = {float(state["step"]) for state in checkpoint["optimizer"]["state"].values()}
     assert optimizer_steps == {20.0}
     model, config = load_model(output / "checkpoint.pt")
+    assert isinstance(model, AtmoRep)
     assert config.train.max_steps == 20
 
-    from mlflow.tracking import MlflowClient
-
     history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/loss")
-    losses = [metric.value for metric in sorted(history, key=lambda metric: metric.step)]
-    assert [metric.step for metric in sorted(history, key=lambda metric: metric.step)] == [5, 10, 15, 20]
+    history = sorted(history, key=lambda metric: metric.step)
+    losses = [metric.value for metric in history]
+    assert [metric.step for metric in history] == [5, 10, 15, 20]
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0]
 
     resume_config = write_config(tmp_path / "resume.json", SMALL_RUN | {"train.max_steps": 30})
-    resumed = run_training(["--config", str(resume_config), *arguments], env, TORCHRUN)
+    resumed = launch_training(["--config", str(resume_config), *arguments], env, TORCHRUN)
 
     assert resumed.returncode == 0, resumed.stderr[-8000:]
     assert "resuming from" in resumed.stderr
@@ -262,7 +266,8 @@ def test_torchrun_train_and_resume(uk_zarr, mlflow_run, tmp_path):
     assert checkpoint["scheduler"]["last_epoch"] == 30
     optimizer_steps = {float(state["step"]) for state in checkpoint["optimizer"]["state"].values()}
     assert optimizer_steps == {30.0}
-    steps = sorted(metric.step for metric in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/loss"))
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/loss")
+    steps = sorted(metric.step for metric in history)
     assert steps == [5, 10, 15, 20, 25, 30]
 
 
@@ -273,14 +278,16 @@ def test_fine_tune_from_init_checkpoint(uk_zarr, tmp_path):
     pretrain_config = write_config(tmp_path / "pretrain.json", SMALL_RUN | {"train.max_steps": 2})
     data = ["--dataset-path", str(uk_zarr)]
 
-    pretrained = run_training(["--config", str(pretrain_config), "--output-dir", str(pretrain), *data], env, [sys.executable])
+    pretrained = launch_training(
+        ["--config", str(pretrain_config), "--output-dir", str(pretrain), *data], env, [sys.executable]
+    )
     assert pretrained.returncode == 0, pretrained.stderr[-8000:]
 
     forecast_config = write_config(
         tmp_path / "forecast.json",
         SMALL_RUN | {"train.max_steps": 3, "masking.weights": {"bert": 0, "forecast": 1, "interpolation": 0}},
     )
-    fine_tuned = run_training(
+    fine_tuned = launch_training(
         ["--config", str(forecast_config), "--output-dir", str(tmp_path / "forecast"),
          "--init-checkpoint", str(pretrain / "checkpoint.pt"), *data],
         env, [sys.executable],
@@ -294,7 +301,7 @@ def test_fine_tune_from_init_checkpoint(uk_zarr, tmp_path):
     assert optimizer_steps == {3.0}
 
     wider_config = write_config(tmp_path / "wider.json", SMALL_RUN | {"model.embed_dim": 64})
-    mismatch = run_training(
+    mismatch = launch_training(
         ["--config", str(wider_config), "--output-dir", str(tmp_path / "wider"),
          "--init-checkpoint", str(pretrain / "checkpoint.pt"), *data],
         env, [sys.executable],
@@ -302,3 +309,31 @@ def test_fine_tune_from_init_checkpoint(uk_zarr, tmp_path):
     assert mismatch.returncode != 0
     assert "model.embed_dim: checkpoint 128, config 64" in mismatch.stderr
     assert not (tmp_path / "wider" / "done.json").exists()
+
+
+def test_resume_matches_uninterrupted_run(uk_zarr, tmp_path, monkeypatch):
+    monkeypatch.delenv("ATMOREP_MLFLOW_RUN_ID", raising=False)
+    steps = {"train.max_steps": 12, "train.checkpoint_every": 6, "train.log_every": 6}
+    config = load_preset("demo", SMALL_RUN | steps)
+    context = train.DistributedContext(rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    interrupted.mkdir()
+    save_checkpoint = train.save_checkpoint
+
+    def save_and_copy_step_6(path, **kwargs):
+        save_checkpoint(path, **kwargs)
+        if kwargs["step"] == 6:
+            shutil.copy(path, interrupted / "checkpoint.pt")
+
+    monkeypatch.setattr(train, "save_checkpoint", save_and_copy_step_6)
+    full = train.run_training(config, uninterrupted, dataset_path=uk_zarr, context=context)
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    resumed = train.run_training(config, interrupted, dataset_path=uk_zarr, context=context)
+
+    assert full.step == 12
+    assert resumed.step == 12
+    assert resumed.loss == full.loss
+    full_weights = load_checkpoint(uninterrupted / "checkpoint.pt")["model"]
+    resumed_weights = load_checkpoint(interrupted / "checkpoint.pt")["model"]
+    for name, weights in full_weights.items():
+        assert torch.equal(resumed_weights[name], weights), name
