@@ -22,7 +22,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 WORK_POOL ?= atmorep-process
 
-.PHONY: help venv demo test test-fast bench ui deploy worker clean
+.PHONY: help venv demo test test-fast ui deploy worker clean
 
 help:
 	@echo "make demo    run ingest, pretraining, zero-shot evaluation and fine-tuning on the sample"

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 ATMOREP_HOME_ENV = "ATMOREP_HOME"
@@ -59,3 +61,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def package_versions(packages: Iterable[str]) -> dict[str, str]:
+    """Return the installed version of each named distribution, or "not installed"."""
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions

@@ -39,6 +39,10 @@ from flows.params import (  # noqa: E402
 
 logger = logging.getLogger("atmorep")
 
+# Errors caused by the input or the environment: reported as a one-line message, not a
+# traceback. Run with --log-level DEBUG to see the traceback too.
+USER_ERRORS = (FileNotFoundError, LookupError, ValueError, RuntimeError)
+
 
 def _option_kwargs(annotation: Any) -> dict[str, Any]:
     """Return argparse keyword arguments for a pydantic field type."""
@@ -151,25 +155,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def format_scores(title: str, rows: list[dict]) -> list[str]:
+    """Render score rows as aligned text lines: the model beside its baseline."""
+    lines = ["", title, f"  {'task':<14} {'variable':<9} {'lead/gap':<10} {'model':>8}  baseline"]
+    for row in rows:
+        lines.append(
+            f"  {row['task']:<14} {row['variable']:<9} {row['lead_or_gap']:<10} "
+            f"{row['model']:>8.3f}  {row['baseline']} {row['baseline_value']:.3f}"
+        )
+    return lines
+
+
+SCORES_FOOTER = [
+    "",
+    "RMSE in physical units (K for t2m), cosine-latitude weighted, on the test period.",
+    "Open the UIs with `make ui`: Prefect at http://127.0.0.1:4200, MLflow at http://127.0.0.1:5000",
+]
+
+
 def format_summary(summary: dict) -> str:
     """Render the pipeline summary: the stage runs, then model against baseline scores."""
     lines = ["", "Stages", f"  {'stage':<10} {'MLflow run':<34} output"]
     for stage in summary["stages"]:
         lines.append(f"  {stage['stage']:<10} {stage['run_id']:<34} {stage['output']}")
+    lines += format_scores("Zero-shot scores", summary["zero_shot"])
+    lines += format_scores("Fine-tuned scores", summary["finetuned"])
+    return "\n".join(lines + SCORES_FOOTER)
 
-    for title, rows in (("Zero-shot scores", summary["zero_shot"]), ("Fine-tuned scores", summary["finetuned"])):
-        lines += ["", title, f"  {'task':<14} {'variable':<9} {'lead/gap':<10} {'model':>8}  baseline"]
-        for row in rows:
-            lines.append(
-                f"  {row['task']:<14} {row['variable']:<9} {row['lead_or_gap']:<10} "
-                f"{row['model']:>8.3f}  {row['baseline']} {row['baseline_value']:.3f}"
-            )
-    lines += [
-        "",
-        "RMSE in physical units (K for t2m), cosine-latitude weighted, on the test period.",
-        "Open the UIs with `make ui`: Prefect at http://127.0.0.1:4200, MLflow at http://127.0.0.1:5000",
-    ]
-    return "\n".join(lines)
+
+def format_result(result: dict) -> str:
+    """Render a stage's result: its score table when it has one, else its fields as JSON."""
+    if "rows" not in result:
+        return json.dumps(result, indent=2, default=str)
+    header = {key: value for key, value in result.items() if key not in ("rows", "metrics")}
+    lines = [json.dumps(header, indent=2, default=str)]
+    lines += format_scores("Scores", result["rows"])
+    return "\n".join(lines + SCORES_FOOTER)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,12 +211,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = build_params(arguments.model, arguments)
     except ValidationError as error:
         parser.error(str(error))
-    result = arguments.runner(params)
+
+    try:
+        result = arguments.runner(params)
+    except USER_ERRORS as error:
+        # The flow run has failed and logged its traceback; the user needs the message.
+        logger.debug("flow failed", exc_info=True)
+        sys.stderr.write(f"atmorep {arguments.command}: error: {error}\n")
+        return 1
 
     if arguments.command == "pipeline":
         sys.stdout.write(format_summary(result) + "\n")
     else:
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        sys.stdout.write(format_result(result) + "\n")
     return 0
 
 

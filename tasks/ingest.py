@@ -15,7 +15,6 @@ Steps of `ingest_era5`:
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 
 from data_catalog.catalog import Catalog, dataset_digest
 from data_catalog.schema import DatasetEntry, GridInfo, Provenance, SourceFile, VariableInfo, VariableStatistics
-from data_catalog.workspace import sha256_file
+from data_catalog.workspace import package_versions, sha256_file
 from tasks.normalise import compute_statistics, normalise
 
 logger = logging.getLogger(__name__)
@@ -662,12 +661,7 @@ def _chunks(dataset: xr.Dataset, time_chunk: int) -> dict[str, int]:
 
 
 def _package_versions() -> dict[str, str]:
-    versions = {}
-    for package in RECORDED_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
+    versions = package_versions(RECORDED_PACKAGES)
     with contextlib.suppress(ImportError, RuntimeError):
         import eccodes
 

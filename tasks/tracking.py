@@ -8,7 +8,6 @@ given. The lineage of a run is stored as tags (see `LINEAGE_TAGS`).
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, RunStatus
 
 from data_catalog import atmorep_home
+from data_catalog.workspace import package_versions as installed_versions
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +106,7 @@ def code_version() -> tuple[str | None, bool | None]:
 
 def package_versions() -> dict[str, str]:
     """Return the installed version of each package that decides a result."""
-    versions = {}
-    for package in TRACKED_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
+    return installed_versions(TRACKED_PACKAGES)
 
 
 @dataclass(frozen=True)
