@@ -84,33 +84,33 @@ def build_params(model: type[BaseModel], arguments: argparse.Namespace) -> BaseM
 
 
 def _run_ingest(params: IngestEra5Params) -> dict:
-    from flows.ingest import ingest_era5_flow
+    from flows.ingest import ingest
 
-    return ingest_era5_flow(params)
+    return ingest(params)
 
 
 def _run_pretrain(params: PretrainParams) -> dict:
-    from flows.pretrain import pretrain_atmorep_flow
+    from flows.pretrain import pretrain
 
-    return pretrain_atmorep_flow(params)
+    return pretrain(params)
 
 
 def _run_evaluate(params: EvaluateParams) -> dict:
-    from flows.evaluate import evaluate_zero_shot_flow
+    from flows.evaluate import evaluate
 
-    return evaluate_zero_shot_flow(params)
+    return evaluate(params)
 
 
 def _run_finetune(params: FinetuneParams) -> dict:
-    from flows.finetune import finetune_atmorep_flow
+    from flows.finetune import finetune
 
-    return finetune_atmorep_flow(params)
+    return finetune(params)
 
 
 def _run_pipeline(params: PipelineParams) -> dict:
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline import pipeline
 
-    return pipeline_flow(params)
+    return pipeline(params)
 
 
 # (command, subcommand or None, parameter model, runner, positional fields, help)

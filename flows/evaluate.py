@@ -40,7 +40,7 @@ def evaluate_and_report(
 
 
 @flow(name="evaluate", flow_run_name="zero-shot")
-def evaluate_zero_shot_flow(params: EvaluateParams = EvaluateParams()) -> dict:
+def evaluate(params: EvaluateParams = EvaluateParams()) -> dict:
     """Evaluate forecasting, temporal interpolation and downscaling with no further training."""
     resolved = resolve_model(params.model_uri)
     model, config = load_model(fetch_checkpoint(resolved.run_id))

@@ -41,7 +41,7 @@ def finetune_config(pretrained: RunConfig, params: FinetuneParams) -> RunConfig:
 
 
 @flow(name="finetune", flow_run_name="atmorep-{params.task}")
-def finetune_atmorep_flow(params: FinetuneParams = FinetuneParams()) -> dict:
+def finetune(params: FinetuneParams = FinetuneParams()) -> dict:
     """Fine-tune for forecasting or downscaling, register the model and evaluate it."""
     resolved = resolve_model(params.model_uri)
     checkpoint = fetch_checkpoint(resolved.run_id)

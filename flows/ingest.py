@@ -34,11 +34,11 @@ def resolve_sources(sources: list[str]) -> list[Path]:
 
 
 fetch_sources = task(resolve_sources, name="fetch-sources", retries=2, retry_delay_seconds=5)
-ingest = task(ingest_era5, name="ingest-era5")
+ingest_files = task(ingest_era5, name="ingest-era5")
 
 
 @flow(name="ingest", flow_run_name="era5-{params.name}")
-def ingest_era5_flow(params: IngestEra5Params = IngestEra5Params()) -> dict:
+def ingest(params: IngestEra5Params = IngestEra5Params()) -> dict:
     """Decode, validate and normalise ERA5 files into Zarr and publish them in the catalog.
 
     Returns the catalog entry (as a dict) with the MLflow run id under `run_id`.
@@ -47,7 +47,7 @@ def ingest_era5_flow(params: IngestEra5Params = IngestEra5Params()) -> dict:
     paths = fetch_sources(params.sources)
     logger.info("Ingesting %d file(s) as %s", len(paths), params.name)
 
-    result = ingest(
+    result = ingest_files(
         paths,
         name=params.name,
         train_period=params.train_period,

@@ -6,16 +6,16 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.common import stage_run
-from flows.evaluate import evaluate_zero_shot_flow
-from flows.finetune import finetune_atmorep_flow
-from flows.ingest import ingest_era5_flow
+from flows.evaluate import evaluate
+from flows.finetune import finetune
+from flows.ingest import ingest
 from flows.params import EvaluateParams, FinetuneParams, IngestEra5Params, PipelineParams, PretrainParams
-from flows.pretrain import pretrain_atmorep_flow
+from flows.pretrain import pretrain
 from tasks.tracking import log_json_artifact
 
 
 @flow(name="pipeline", flow_run_name="end-to-end-{params.name}")
-def pipeline_flow(params: PipelineParams = PipelineParams()) -> dict:
+def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     """Run every stage under one MLflow parent run, each stage a child run of its own.
 
     Returns a summary: the runs of each stage and the score rows of the zero-shot and
@@ -25,7 +25,7 @@ def pipeline_flow(params: PipelineParams = PipelineParams()) -> dict:
     with stage_run("pipeline", params) as parent:
         shared = {"experiment": params.experiment, "parent_run_id": parent.run_id}
 
-        ingested = ingest_era5_flow(
+        ingested = ingest(
             IngestEra5Params(
                 sources=params.sources,
                 name=params.name,
@@ -35,7 +35,7 @@ def pipeline_flow(params: PipelineParams = PipelineParams()) -> dict:
                 **shared,
             )
         )
-        pretrained = pretrain_atmorep_flow(
+        pretrained = pretrain(
             PretrainParams(
                 dataset=params.name,
                 preset=params.preset,
@@ -46,7 +46,7 @@ def pipeline_flow(params: PipelineParams = PipelineParams()) -> dict:
                 **shared,
             )
         )
-        zero_shot = evaluate_zero_shot_flow(
+        zero_shot = evaluate(
             EvaluateParams(
                 model_uri=pretrained["model_uri"],
                 dataset=params.name,
@@ -54,7 +54,7 @@ def pipeline_flow(params: PipelineParams = PipelineParams()) -> dict:
                 **shared,
             )
         )
-        finetuned = finetune_atmorep_flow(
+        finetuned = finetune(
             FinetuneParams(
                 model_uri=pretrained["model_uri"],
                 task=params.finetune_task,

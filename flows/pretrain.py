@@ -66,7 +66,7 @@ def train_and_register(
 
 
 @flow(name="pretrain", flow_run_name="atmorep-{params.dataset}")
-def pretrain_atmorep_flow(params: PretrainParams = PretrainParams()) -> dict:
+def pretrain(params: PretrainParams = PretrainParams()) -> dict:
     """Pretrain an AtmoRep-style model on a catalog dataset and register it.
 
     Returns the MLflow run id, the registered model URI and the final training loss.
