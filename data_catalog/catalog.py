@@ -111,7 +111,7 @@ class Catalog:
             known = ", ".join(self.names()) or "none"
             raise DatasetNotFoundError(
                 f"dataset {name!r} not found in catalog {self.entries_dir} (known datasets: {known}). "
-                "Ingest it first with tasks.ingest.ingest_era5."
+                "Ingest it first with `atmorep ingest era5`."
             ) from None
 
         try:

@@ -152,7 +152,36 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("model_uri", help="models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS or a run id")
     lineage.add_argument("--format", choices=["text", "json"], default="text", help="output format (default: text)")
     lineage.set_defaults(runner=None)
+
+    catalog = commands.add_parser("catalog", help="list or show the datasets in the catalog")
+    catalog_commands = catalog.add_subparsers(dest="subcommand", required=True)
+    catalog_commands.add_parser("list", help="list every dataset: name, kind, time range and digest")
+    show = catalog_commands.add_parser("show", help="print one dataset's catalog entry as YAML")
+    show.add_argument("name", help="dataset name")
+    catalog.set_defaults(runner=None)
     return parser
+
+
+def run_catalog_command(arguments: argparse.Namespace) -> str:
+    """Return the output of `atmorep catalog list` or `atmorep catalog show NAME`."""
+    import yaml
+
+    from data_catalog import Catalog
+
+    catalog = Catalog()
+    if arguments.subcommand == "show":
+        return yaml.safe_dump(catalog.get(arguments.name).model_dump(mode="json"), sort_keys=False)
+
+    lines = [f"{'name':<32} {'kind':<7} {'first time':<20} {'last time':<20} digest"]
+    for name in catalog.names():
+        record = catalog.get(name).model_dump(mode="json")
+        lines.append(
+            f"{name:<32} {record.get('kind', 'era5'):<7} {str(record.get('time_start', '-')):<20} "
+            f"{str(record.get('time_end', '-')):<20} {record['digest'][:16]}"
+        )
+    if len(lines) == 1:
+        lines.append(f"(no datasets in {catalog.root}; run `atmorep ingest era5` first)")
+    return "\n".join(lines)
 
 
 def format_scores(title: str, rows: list[dict]) -> list[str]:
@@ -205,6 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         lineage = model_lineage(arguments.model_uri)
         output = json.dumps(lineage, indent=2) if arguments.format == "json" else format_lineage(lineage)
         sys.stdout.write(output + "\n")
+        return 0
+
+    if arguments.command == "catalog":
+        try:
+            sys.stdout.write(run_catalog_command(arguments) + "\n")
+        except USER_ERRORS as error:
+            sys.stderr.write(f"atmorep catalog: error: {error}\n")
+            return 1
         return 0
 
     try:

@@ -1,5 +1,6 @@
 """The `atmorep` command line: options built from the flows' parameter models."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,26 @@ def test_summary_lists_stages_and_baselines():
     assert "a" * 32 in text
     assert "persistence 0.500" in text
     assert "make ui" in text
+
+
+def test_catalog_list_and_show(tmp_path, uk_t2m_grib, monkeypatch):
+    from tasks.ingest import ingest_era5
+
+    monkeypatch.setenv("ATMOREP_HOME", str(tmp_path))
+    env = dict(os.environ)
+    ingest_era5(
+        [uk_t2m_grib], name="uk-t2m",
+        train_period=("2019-03-01T00:00", "2019-03-24T23:00"),
+        test_period=("2019-03-25T00:00", "2019-03-31T23:00"),
+    )
+
+    listed = subprocess.run([ATMOREP, "catalog", "list"], env=env, capture_output=True, text=True, timeout=60)
+    shown = subprocess.run([ATMOREP, "catalog", "show", "uk-t2m"], env=env, capture_output=True, text=True, timeout=60)
+    missing = subprocess.run([ATMOREP, "catalog", "show", "nope"], env=env, capture_output=True, text=True, timeout=60)
+
+    assert "uk-t2m" in listed.stdout
+    assert "2019-03-31T23:00:00" in listed.stdout
+    assert "digest: " in shown.stdout
+    assert "sha256: e5e82609" in shown.stdout
+    assert missing.returncode == 1
+    assert "uk-t2m" in missing.stderr
