@@ -22,7 +22,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 WORK_POOL ?= atmorep-process
 
-.PHONY: help venv demo test test-fast ui deploy worker clean
+.PHONY: help venv demo test test-fast bench ui deploy worker clean
 
 help:
 	@echo "make demo    run ingest, pretraining, zero-shot evaluation and fine-tuning on the sample"
@@ -30,6 +30,7 @@ help:
 	@echo "make ui      serve the Prefect UI on :$(PREFECT_PORT) and the MLflow UI on :$(MLFLOW_PORT)"
 	@echo "make deploy  create the work pool and the deployments on the Prefect server of make ui"
 	@echo "make worker  start a process worker for the deployments"
+	@echo "make bench   measure ingestion throughput, written to bench-results/ and BENCHMARKS.md"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,3 +68,6 @@ worker: venv
 
 clean:
 	rm -rf $(ATMOREP_HOME)
+
+bench: venv
+	ATMOREP_DATA_MIRROR=$${ATMOREP_DATA_MIRROR:-$(CURDIR)/../shared/data} $(BIN)/python tests/benchmarks/bench_ingest.py
