@@ -13,7 +13,7 @@ import pydantic
 import xarray as xr
 import yaml
 
-from data_catalog.schema import NAME_PATTERN, DatasetEntry
+from data_catalog.schema import NAME_PATTERN, CatalogEntry, DatasetEntry, ImageDatasetEntry
 from data_catalog.workspace import atmorep_home, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Catalog:
         _check_name(name)
         return self.data_dir / f"{name}.zarr"
 
-    def resolve_zarr_path(self, entry: DatasetEntry) -> Path:
+    def resolve_zarr_path(self, entry: CatalogEntry) -> Path:
         """Return the absolute path of an entry's Zarr store (relative paths start at `root`)."""
         path = Path(entry.zarr_path)
         return path if path.is_absolute() else self.root / path
@@ -80,7 +80,7 @@ class Catalog:
     def __contains__(self, name: str) -> bool:
         return self.entry_path(name).is_file()
 
-    def publish(self, entry: DatasetEntry) -> Path:
+    def publish(self, entry: CatalogEntry) -> Path:
         """Write `entry` as YAML atomically, replacing an older entry of the same name."""
         path = self.entry_path(entry.name)
         text = yaml.dump(entry.model_dump(mode="json"), Dumper=_EntryDumper, sort_keys=False, allow_unicode=True)
@@ -98,8 +98,8 @@ class Catalog:
         logger.info("removed catalog entry %s", path)
         return True
 
-    def get(self, name: str) -> DatasetEntry:
-        """Load and validate the entry `name`.
+    def get(self, name: str) -> CatalogEntry:
+        """Load and validate the entry `name`: an ImageDatasetEntry when it has `kind: images`, else a DatasetEntry.
 
         Raises DatasetNotFoundError (a KeyError) listing the known names when there is no
         entry, and InvalidCatalogEntryError naming the file when it does not validate.
@@ -111,11 +111,11 @@ class Catalog:
             known = ", ".join(self.names()) or "none"
             raise DatasetNotFoundError(
                 f"dataset {name!r} not found in catalog {self.entries_dir} (known datasets: {known}). "
-                "Ingest it first with `atmorep ingest era5`."
+                "Ingest it first with `atmorep ingest era5` or `atmorep ingest imagenet`."
             ) from None
 
         try:
-            return DatasetEntry.model_validate(yaml.safe_load(text))
+            return _validate_entry(yaml.safe_load(text))
         except (yaml.YAMLError, pydantic.ValidationError) as error:
             raise InvalidCatalogEntryError(
                 f"catalog entry {path} is invalid: {error}. Re-ingest the dataset or delete the file."
@@ -143,6 +143,13 @@ class Catalog:
                 f"has {entry.digest!r}. Re-ingest dataset {name!r}."
             )
         return dataset
+
+
+def _validate_entry(document: object) -> CatalogEntry:
+    """Validate a parsed YAML entry as the schema its `kind` names (ERA5 fields when it has none)."""
+    if isinstance(document, dict) and document.get("kind") == "images":
+        return ImageDatasetEntry.model_validate(document)
+    return DatasetEntry.model_validate(document)
 
 
 class _EntryDumper(yaml.SafeDumper):

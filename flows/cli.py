@@ -33,6 +33,7 @@ from flows.params import (  # noqa: E402
     EvaluateParams,
     FinetuneParams,
     IngestEra5Params,
+    IngestImagenetParams,
     PipelineParams,
     PretrainParams,
 )
@@ -55,8 +56,12 @@ def _option_kwargs(annotation: Any) -> dict[str, Any]:
         return {"choices": list(arguments)}
     if origin is list:
         return {"nargs": "+", "type": arguments[0]}
+    if origin is dict:
+        # The parameter model parses NAME=VALUE strings into the mapping.
+        return {"nargs": "+", "type": str, "metavar": "NAME=VALUE"}
     if origin is tuple:
-        return {"nargs": len(arguments), "type": arguments[0], "metavar": ("START", "END")}
+        metavar = ("START", "END") if len(arguments) == 2 else None
+        return {"nargs": len(arguments), "type": arguments[0], "metavar": metavar}
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
     return {"type": annotation}
@@ -69,7 +74,7 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
         default = field.get_default(call_default_factory=True)
         help_text = field.description or ""
         if name in positional:
-            kwargs["nargs"] = "+"
+            # List fields already take "+" values from _option_kwargs, other fields take one value.
             parser.add_argument(name, help=help_text, **{k: v for k, v in kwargs.items() if k != "metavar"})
             continue
         if default is not None and default != []:
@@ -85,6 +90,12 @@ def build_params(model: type[BaseModel], arguments: argparse.Namespace) -> BaseM
 
 def _run_ingest(params: IngestEra5Params) -> dict:
     from flows.ingest import ingest
+
+    return ingest(params)
+
+
+def _run_ingest_imagenet(params: IngestImagenetParams) -> dict:
+    from flows.imagenet import ingest
 
     return ingest(params)
 
@@ -117,6 +128,8 @@ def _run_pipeline(params: PipelineParams) -> dict:
 FLOW_COMMANDS: list[tuple[str, str | None, type[BaseModel], Callable, tuple[str, ...], str]] = [
     ("ingest", "era5", IngestEra5Params, _run_ingest, ("sources",),
      "ingest ERA5 GRIB or NetCDF files into a normalised Zarr dataset (flow ingest/era5)"),
+    ("ingest", "imagenet", IngestImagenetParams, _run_ingest_imagenet, ("source",),
+     "ingest an ImageNet-style image folder into a uint8 Zarr dataset (flow ingest/imagenet)"),
     ("pretrain", "atmorep", PretrainParams, _run_pretrain, (),
      "pretrain an AtmoRep-style model with torchrun (flow pretrain/atmorep)"),
     ("evaluate", "zero-shot", EvaluateParams, _run_evaluate, (),
@@ -126,6 +139,9 @@ FLOW_COMMANDS: list[tuple[str, str | None, type[BaseModel], Callable, tuple[str,
     ("pipeline", None, PipelineParams, _run_pipeline, (),
      "run ingest, pretrain, zero-shot evaluation and fine-tuning (flow pipeline/end-to-end)"),
 ]
+
+# Help of commands whose subcommands run different flows.
+COMMAND_HELP = {"ingest": "ingest ERA5 files or an image folder into a Zarr dataset in the catalog"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,11 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    subcommand_groups: dict[str, argparse._SubParsersAction] = {}
     for command, subcommand, model, runner, positional, help_text in FLOW_COMMANDS:
-        command_parser = commands.add_parser(command, help=help_text, description=help_text)
-        if subcommand is not None:
-            subcommands = command_parser.add_subparsers(dest="subcommand", required=True)
-            command_parser = subcommands.add_parser(subcommand, help=help_text, description=help_text)
+        if subcommand is None:
+            command_parser = commands.add_parser(command, help=help_text, description=help_text)
+        else:
+            if command not in subcommand_groups:
+                group_help = COMMAND_HELP.get(command, help_text)
+                group_parser = commands.add_parser(command, help=group_help, description=group_help)
+                subcommand_groups[command] = group_parser.add_subparsers(dest="subcommand", required=True)
+            command_parser = subcommand_groups[command].add_parser(subcommand, help=help_text, description=help_text)
         add_model_options(command_parser, model, positional)
         command_parser.set_defaults(model=model, runner=runner)
 

@@ -1,40 +1,65 @@
-"""`ingest/era5`: ERA5 GRIB or NetCDF files to a normalised Zarr dataset in the catalog."""
+"""`ingest/era5`: ERA5 files, CDS requests or Zarr stores to a normalised Zarr dataset in the catalog."""
 
 from __future__ import annotations
 
 import glob
 from pathlib import Path
 
+import pandas as pd
+import xarray as xr
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
 
-from data_catalog import Catalog, fetch_sample
+from data_catalog import Catalog, atmorep_home, fetch_sample
 from flows.common import stage_run
 from flows.params import IngestEra5Params
 from tasks.ingest import ingest_era5
+from tasks.sources import CDS_PREFIX, ZARR_PREFIX, open_cds, open_zarr_source, parse_cds_source, parse_zarr_source
 from tasks.tracking import log_dataset_input, log_json_artifact, log_metrics
 
 SAMPLE_PREFIX = "sample:"
+CDS_DOWNLOAD_DIR = Path("downloads") / "cds"
 
 
-def resolve_sources(sources: list[str]) -> list[Path]:
-    """Expand `sample:NAME` references and globs into a sorted list of existing files."""
-    paths: list[Path] = []
+def resolve_sources(
+    sources: list[str], time_range: tuple[str, str] | None = None, download_dir: Path | None = None
+) -> list[Path | xr.Dataset]:
+    """Turn source strings into files and opened datasets for `ingest_era5`.
+
+    - `sample:NAME`: a sample file listed in data_catalog/samples.yaml.
+    - `cds:REQUEST.yaml` or `cds:{json}`: a `tasks.sources.CdsRequest`, downloaded into
+      `download_dir` (default `$ATMOREP_HOME/downloads/cds`) and opened, one dataset per file.
+    - `zarr:URL?...` or `zarr:{json}`: a `tasks.sources.RemoteZarrSource`, opened lazily.
+    - anything else: a GRIB or NetCDF path or glob, expanded in sorted order.
+
+    `time_range` (first and last time, ISO 8601) fills in the dates of a CDS request and
+    the time of a Zarr selection that give none.
+    """
+    moments = tuple(pd.Timestamp(moment).to_pydatetime() for moment in time_range) if time_range else None
+    resolved: list[Path | xr.Dataset] = []
     for source in sources:
         if source.startswith(SAMPLE_PREFIX):
-            paths.append(fetch_sample(source.removeprefix(SAMPLE_PREFIX)))
-            continue
-        matches = sorted(glob.glob(source))
-        if not matches:
-            raise FileNotFoundError(
-                f"source {source!r} matches no file: give existing GRIB or NetCDF paths or globs, "
-                "or sample:NAME for a sample listed in data_catalog/samples.yaml"
-            )
-        paths.extend(Path(match) for match in matches)
-    return paths
+            resolved.append(fetch_sample(source.removeprefix(SAMPLE_PREFIX)))
+        elif source.startswith(CDS_PREFIX):
+            dates = (moments[0].date(), moments[1].date()) if moments else None
+            request = parse_cds_source(source, default_dates=dates)
+            resolved.extend(open_cds(request, download_dir or atmorep_home() / CDS_DOWNLOAD_DIR))
+        elif source.startswith(ZARR_PREFIX):
+            resolved.append(open_zarr_source(parse_zarr_source(source, default_time=moments)))
+        else:
+            matches = sorted(glob.glob(source))
+            if not matches:
+                raise FileNotFoundError(
+                    f"source {source!r} matches no file: give existing GRIB or NetCDF paths or globs, "
+                    "sample:NAME for a sample listed in data_catalog/samples.yaml, cds:REQUEST or zarr:URL"
+                )
+            resolved.extend(Path(match) for match in matches)
+    return resolved
 
 
 fetch_sources = task(resolve_sources, name="fetch-sources", retries=2, retry_delay_seconds=5)
-ingest_files = task(ingest_era5, name="ingest-era5")
+# Opened datasets are poor cache-key inputs, and ingest_era5 reuses a dataset by its digest anyway.
+ingest_files = task(ingest_era5, name="ingest-era5", cache_policy=NONE)
 
 
 @flow(name="ingest", flow_run_name="era5-{params.name}")
@@ -44,17 +69,24 @@ def ingest(params: IngestEra5Params = IngestEra5Params()) -> dict:
     Returns the catalog entry (as a dict) with the MLflow run id under `run_id`.
     """
     logger = get_run_logger()
-    paths = fetch_sources(params.sources)
-    logger.info("Ingesting %d file(s) as %s", len(paths), params.name)
+    last_period = params.test_period or params.train_period
+    time_range = (params.train_period[0], last_period[1])
+    sources = fetch_sources(params.sources, time_range=time_range)
+    logger.info("Ingesting %d source(s) as %s", len(sources), params.name)
 
     result = ingest_files(
-        paths,
+        sources,
         name=params.name,
         train_period=params.train_period,
         test_period=params.test_period,
         variables=params.variables,
         time_chunk=params.time_chunk,
         catalog=Catalog(),
+        area=params.area,
+        longitude_convention=params.longitude_convention,
+        coarsen_factor=params.coarsen_factor,
+        normalisation=params.normalisation,
+        on_time_gaps=params.on_time_gaps,
     )
     entry = result.entry
     if result.reused:
@@ -71,11 +103,16 @@ def ingest(params: IngestEra5Params = IngestEra5Params()) -> dict:
 
 
 def _statistics_metrics(statistics: dict) -> dict[str, float]:
-    """Flatten `{var: {"mean": [...], "std": [...]}}` into metrics `stats/mean/VAR[/LEVEL_INDEX]`."""
+    """Flatten `{var: {"mean": [...], "std": [...]}}` into metrics `stats/mean/VAR[/LEVEL_INDEX]`.
+
+    Locally normalised variables have no single mean and std, so they are skipped.
+    """
     metrics = {}
     for variable, moments in statistics.items():
         for moment in ("mean", "std"):
-            values = moments[moment]
+            values = moments.get(moment)
+            if values is None:
+                continue
             if len(values) == 1:
                 metrics[f"stats/{moment}/{variable}"] = values[0]
             else:

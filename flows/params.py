@@ -10,19 +10,24 @@ from __future__ import annotations
 from typing import Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEMO_SAMPLE = "era5-2mt-2019-03-uk"
 DEMO_DATASET = "era5-t2m-uk-2019-03"
 DEMO_TRAIN_PERIOD = ("2019-03-01T00:00", "2019-03-24T23:00")
 DEMO_TEST_PERIOD = ("2019-03-25T00:00", "2019-03-31T23:00")
 DEFAULT_MODEL_URI = "models:/atmorep/latest"
+IMAGENET_SAMPLE = "imagenet-sample"
 
 
-def check_periods(train_period: tuple[str, str], test_period: tuple[str, str]) -> None:
-    """Raise ValueError unless both periods parse, are ordered, and training ends before testing."""
+def check_periods(train_period: tuple[str, str], test_period: tuple[str, str] | None) -> None:
+    """Raise ValueError unless both periods parse, are ordered, and training ends before testing.
+
+    `test_period` None (a dataset that is not evaluated) checks the train period only.
+    """
     parsed = {}
-    for label, period in (("train_period", train_period), ("test_period", test_period)):
+    periods = [("train_period", train_period)] + ([("test_period", test_period)] if test_period is not None else [])
+    for label, period in periods:
         try:
             start, end = (pd.Timestamp(value) for value in period)
         except ValueError as error:
@@ -30,7 +35,7 @@ def check_periods(train_period: tuple[str, str], test_period: tuple[str, str]) -
         if start > end:
             raise ValueError(f"{label} {period} starts after it ends")
         parsed[label] = (start, end)
-    if parsed["train_period"][1] >= parsed["test_period"][0]:
+    if test_period is not None and parsed["train_period"][1] >= parsed["test_period"][0]:
         raise ValueError(
             f"train_period {train_period} must end before test_period {test_period} starts, "
             "so that the test period stays unseen by statistics and training"
@@ -66,15 +71,74 @@ class IngestEra5Params(FlowParams):
     train_period: tuple[str, str] = Field(
         DEMO_TRAIN_PERIOD, description="first and last time step of the training period (ISO 8601)"
     )
-    test_period: tuple[str, str] = Field(
-        DEMO_TEST_PERIOD, description="first and last time step of the test period (ISO 8601)"
+    test_period: tuple[str, str] | None = Field(
+        DEMO_TEST_PERIOD,
+        description="first and last time step of the test period (ISO 8601); None for a dataset that is not "
+        "evaluated, such as a single time step",
     )
     time_chunk: int = Field(24, ge=1, description="time steps per Zarr chunk")
+    area: tuple[float, float, float, float] | None = Field(
+        None,
+        description="crop to north, west, south, east in degrees; west > east crosses the 180° meridian "
+        "(default: the whole grid)",
+    )
+    longitude_convention: Literal["-180..180", "0..360"] = Field(
+        "-180..180", description="longitude range of the stored grid, in degrees"
+    )
+    coarsen_factor: int = Field(
+        1, ge=1, description="average blocks of N x N grid points with cell-area weights (1 keeps the grid)"
+    )
+    normalisation: dict[str, Literal["global", "local"]] = Field(
+        default_factory=dict,
+        description="normalisation scheme per variable as VARIABLE=SCHEME: global (mean and std per level) or "
+        "local (per calendar month, level and grid point); unlisted variables use global",
+    )
+    on_time_gaps: Literal["error", "keep"] = Field(
+        "error", description="missing or irregular time steps: error, or keep them with their true times"
+    )
+
+    @field_validator("normalisation", mode="before")
+    @classmethod
+    def _parse_normalisation(cls, value: object) -> object:
+        """Accept VARIABLE=SCHEME strings, as the CLI passes them, besides a mapping."""
+        if isinstance(value, (list, tuple)):
+            pairs = {}
+            for item in value:
+                variable, separator, scheme = str(item).partition("=")
+                if not separator or not variable:
+                    raise ValueError(f"normalisation item {item!r} is not VARIABLE=SCHEME, for example t2m=local")
+                pairs[variable] = scheme
+            return pairs
+        return value
 
     @model_validator(mode="after")
     def _check_periods(self) -> "IngestEra5Params":
         check_periods(self.train_period, self.test_period)
         return self
+
+
+class IngestImagenetParams(FlowParams):
+    """Parameters of `ingest/imagenet`."""
+
+    source: str = Field(
+        f"sample:{IMAGENET_SAMPLE}",
+        description="image folder (class folders such as .../train, or a flat folder with labels.tsv), "
+        f"or sample:{IMAGENET_SAMPLE} for the copy under ATMOREP_DATA_MIRROR",
+    )
+    name: str = Field(
+        IMAGENET_SAMPLE, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="dataset name in the catalog"
+    )
+    size: int = Field(224, ge=1, description="height and width of the stored square images in pixels")
+    crop_fraction: float = Field(
+        0.875, gt=0, le=1,
+        description="centre crop as a fraction of the resized shorter side: the shorter side is resized "
+        "to size / crop_fraction pixels (256 for 224), then a size x size centre crop is kept",
+    )
+    layout: Literal["auto", "imagefolder", "flat"] = Field(
+        "auto", description="source layout: auto reads a folder with labels.tsv as flat and others as class folders"
+    )
+    chunk_images: int = Field(64, ge=1, description="images per Zarr chunk, also the unit of resuming")
+    workers: int | None = Field(None, ge=1, description="image decoding threads (default: CPU count, at most 8)")
 
 
 class TrainingParams(FlowParams):
@@ -129,7 +193,9 @@ class PipelineParams(BaseModel):
     name: str = IngestEra5Params.model_fields["name"]
     variables: list[str] | None = IngestEra5Params.model_fields["variables"]
     train_period: tuple[str, str] = IngestEra5Params.model_fields["train_period"]
-    test_period: tuple[str, str] = IngestEra5Params.model_fields["test_period"]
+    test_period: tuple[str, str] = Field(
+        DEMO_TEST_PERIOD, description="first and last time step of the test period (ISO 8601)"
+    )
     preset: str = PretrainParams.model_fields["preset"]
     pretrain_steps: int | None = Field(None, ge=1, description="pretraining steps (default: the preset's)")
     finetune_task: Literal["forecast", "downscaling"] = FinetuneParams.model_fields["task"]

@@ -1,8 +1,8 @@
 """Space-time windows of a normalised dataset as training samples.
 
 The dataset follows the normalised Zarr layout: one float32 variable per ERA5 short name
-with dims (time, latitude, longitude) or (time, level, latitude, longitude), values
-already normalised to zero mean and unit variance.
+with dims (time, [member,] [level,] latitude, longitude), values already normalised to
+zero mean and unit variance. Ensemble members are independent samples of the same windows.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def time_features(times: np.ndarray) -> np.ndarray:
 def select_channels(
     ds: xr.Dataset, variables: Sequence[str], levels: Mapping[str, Sequence[int]] | None = None
 ) -> xr.DataArray:
-    """Stack the requested variables and levels into one array with dims (channel, time, latitude, longitude).
+    """Stack the requested variables and levels into one array with dims (channel, [member,] time, latitude, longitude).
 
     Raises KeyError for a missing variable and ValueError for a level missing from the
     dataset or a multi-level variable without configured levels.
@@ -77,7 +77,7 @@ def select_channels(
             channels.append(array)
 
     stacked = xr.concat(channels, dim="channel", coords="minimal", compat="override", join="exact")
-    return stacked.transpose("channel", "time", "latitude", "longitude")
+    return stacked.transpose("channel", ..., "time", "latitude", "longitude")
 
 
 class WindowDataset(Dataset):
@@ -88,6 +88,9 @@ class WindowDataset(Dataset):
     straddle a gap in the time coordinate are skipped. With `random_crop`, each sample's
     crop offset is a multiple of `spatial_stride` drawn from a generator seeded by (seed,
     epoch, index). Without it, every crop starts at the north-west corner of the grid.
+
+    With a `member` dimension, every (member, window) pair is one sample: index
+    `member * n_windows + window`.
 
     Each item is `(x [C, T, H, W] float32, time_features [T, 4] float32)`.
     """
@@ -114,8 +117,12 @@ class WindowDataset(Dataset):
         self.epoch = 0
 
         selected = select_channels(ds.sel(time=slice(period[0], period[1])), variables, levels)
+        if "member" not in selected.dims:
+            selected = selected.expand_dims("member", axis=1)
+        # selected: [C, M, T, H, W]
         steps, height, width = self.sample_shape
-        n_time, n_lat, n_lon = selected.shape[1:]
+        self.n_members = selected.sizes["member"]
+        n_time, n_lat, n_lon = selected.shape[2:]
         if n_lat < height or n_lon < width:
             raise ValueError(
                 f"grid {n_lat} x {n_lon} is smaller than the sample crop {height} x {width}: "
@@ -143,8 +150,8 @@ class WindowDataset(Dataset):
             logger.info("period selection is %.1f GiB: reading windows lazily", selected.nbytes / 1024**3)
             self.values = selected
         logger.info(
-            "window dataset: %d windows of %s from %d steps, %d channels, grid %d x %d",
-            len(self.starts), self.sample_shape, n_time, selected.shape[0], n_lat, n_lon,
+            "window dataset: %d windows of %s from %d steps, %d member(s), %d channels, grid %d x %d",
+            len(self.starts), self.sample_shape, n_time, self.n_members, selected.shape[0], n_lat, n_lon,
         )
 
     @staticmethod
@@ -166,7 +173,7 @@ class WindowDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return self.n_members * len(self.starts)
 
     def crop_offset(self, index: int) -> tuple[int, int]:
         """Return the (latitude, longitude) grid offset of the crop of sample `index`."""
@@ -183,15 +190,16 @@ class WindowDataset(Dataset):
 
     def window_times(self, index: int) -> np.ndarray:
         """Return the [T] datetime64 timestamps of sample `index`."""
-        start = int(self.starts[index])
+        start = int(self.starts[index % len(self.starts)])
         return self.times[start : start + self.sample_shape[0]]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         steps, height, width = self.sample_shape
-        start = int(self.starts[index])
+        member, window_index = divmod(index, len(self.starts))
+        start = int(self.starts[window_index])
         lat, lon = self.crop_offset(index)
 
-        window = self.values[:, start : start + steps, lat : lat + height, lon : lon + width]
+        window = self.values[:, member, start : start + steps, lat : lat + height, lon : lon + width]
         if isinstance(window, xr.DataArray):
             window = window.values
         x = torch.from_numpy(np.array(window, dtype=np.float32))

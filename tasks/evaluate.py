@@ -118,6 +118,13 @@ def _channels(config: RunConfig, ds: xr.Dataset) -> list[_Channel]:
                 f"statistics for variable {variable!r} not found in dataset attrs, which "
                 f"cover {sorted(statistics)}: re-ingest the dataset with this variable"
             )
+        if statistics[variable].get("scheme", "global") != "global":
+            # TODO: denormalise locally normalised channels per calendar month and grid point.
+            raise ValueError(
+                f"variable {variable!r} is normalised with the {statistics[variable]['scheme']!r} scheme, but "
+                f"zero-shot evaluation supports only global statistics: re-ingest with "
+                f"normalisation={{{variable!r}: 'global'}}"
+            )
         level_index = 0
         name = variable
         if level is not None:
@@ -483,7 +490,7 @@ def evaluate_zero_shot(
     NaN, or the model returns a wrong shape or non-finite values.
     """
     if period is None:
-        if "test_period" not in ds.attrs:
+        if not ds.attrs.get("test_period"):
             raise ValueError("dataset attrs have no 'test_period': pass period=(start, end)")
         period = tuple(ds.attrs["test_period"])
     if window_stride < 1 or batch_size < 1:

@@ -3,12 +3,15 @@
 Steps of `ingest_era5`:
 
 1. Hash the sources and derive the recipe digest. A complete dataset with that digest is reused.
-2. Decode each file (cfgrib for GRIB, h5netcdf or another NetCDF engine otherwise) and
-   rename it to the canonical dimensions `(time, [level,] latitude, longitude)`.
+2. Inspect each GRIB file's message headers with ecCodes (`tasks.grib`), decode each file
+   (cfgrib for GRIB, h5netcdf or another NetCDF engine otherwise) and rename it to the
+   canonical dimensions `(time, [member,] [level,] latitude, longitude)`.
 3. Validate each file and the combined dataset (dimensions, time axis, regular grid).
-4. Select variables and check the train and test periods.
+4. Select variables, crop, apply the longitude convention and coarsen (`tasks.grid`),
+   report time gaps, and check the train and test periods.
 5. Compute statistics over the train period, normalise, and write Zarr format 3 into a
-   temporary folder beside the target, then rename it into place.
+   temporary folder beside the target, then rename it into place. A variable with
+   missing values keeps them as NaN and gets a boolean `<var>_mask` variable.
 6. Publish the catalog entry last, so an entry always points at a complete store.
 """
 
@@ -26,22 +29,34 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import cfgrib
 import numpy as np
 import pandas as pd
 import xarray as xr
 from cfgrib.dataset import DatasetBuildError
 from gribapi.errors import GribInternalError
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from data_catalog.catalog import Catalog, dataset_digest
 from data_catalog.schema import DatasetEntry, GridInfo, Provenance, SourceFile, VariableInfo, VariableStatistics
 from data_catalog.workspace import package_versions, sha256_file
-from tasks.normalise import compute_statistics, normalise
+from tasks import grid
+from tasks.grib import SUPPORTED_GRID_TYPES, GribInspectionError, inspect_grib
+from tasks.normalise import (
+    SCHEMES,
+    STATISTICS_GROUP,
+    Summary,
+    normalise,
+    statistics_attrs,
+    statistics_dataset,
+    summarise,
+)
 
 logger = logging.getLogger(__name__)
 
 # Bump when a code change alters the written dataset, so older stores are not reused.
-INGEST_FORMAT_VERSION = 1
+INGEST_FORMAT_VERSION = 2
 
 GRIB_SUFFIXES = frozenset({".grib", ".grb", ".grib1", ".grib2", ".grb1", ".grb2"})
 NETCDF_SUFFIXES = frozenset({".nc", ".nc4", ".netcdf", ".cdf"})
@@ -49,19 +64,27 @@ NETCDF_SUFFIXES = frozenset({".nc", ".nc4", ".netcdf", ".cdf"})
 # files, netCDF4 reads both NetCDF4 and classic NetCDF3 files, and scipy reads NetCDF3 only.
 NETCDF_ENGINES = (("h5netcdf", "h5netcdf"), ("netcdf4", "netCDF4"), ("scipy", "scipy"))
 
-TIME, LEVEL, LATITUDE, LONGITUDE = "time", "level", "latitude", "longitude"
-CANONICAL_DIMS = (TIME, LEVEL, LATITUDE, LONGITUDE)
+TIME, MEMBER, LEVEL, LATITUDE, LONGITUDE = "time", "member", "level", "latitude", "longitude"
+CANONICAL_DIMS = (TIME, MEMBER, LEVEL, LATITUDE, LONGITUDE)
 DIMENSION_ALIASES = {
+    "number": MEMBER,
     "isobaricInhPa": LEVEL,
     "pressure_level": LEVEL,
     "lat": LATITUDE,
     "lon": LONGITUDE,
 }
 KEPT_VARIABLE_ATTRS = ("units", "long_name", "standard_name")
+# Level units that mean hPa, and the factor that converts other pressure units to hPa.
+HPA_UNITS = frozenset({"hPa", "hpa", "millibars", "millibar", "mbar", "mb"})
+PRESSURE_TO_HPA = {"Pa": 0.01, "pa": 0.01, "kPa": 10.0}
+ON_TIME_GAPS = ("error", "keep")
+MASK_SUFFIX = "_mask"
 RECORDED_PACKAGES = ("xarray", "zarr", "cfgrib", "eccodes", "eccodeslib", "numpy", "dask", "h5netcdf")
 
 # Relative tolerance when checking that grid coordinates are evenly spaced.
 _GRID_STEP_RTOL = 1e-6
+# At most this many time gaps are listed in a message; the catalog entry lists all of them.
+_MAX_LISTED_GAPS = 20
 
 
 class InvalidSourceError(ValueError):
@@ -83,20 +106,38 @@ class IngestResult:
 
 
 def ingest_era5(
-    sources: Sequence[str | Path],
+    sources: Sequence[str | Path | xr.Dataset],
     name: str,
     train_period: tuple[str, str],
-    test_period: tuple[str, str],
+    test_period: tuple[str, str] | None,
     variables: list[str] | None = None,
     time_chunk: int = 24,
     catalog: Catalog | None = None,
+    area: Sequence[float] | None = None,
+    longitude_convention: str = grid.DEFAULT_LONGITUDE_CONVENTION,
+    coarsen_factor: int = 1,
+    normalisation: dict[str, str] | None = None,
+    on_time_gaps: str = "error",
 ) -> IngestResult:
     """Decode, validate and normalise ERA5 files into `<catalog root>/data/<name>.zarr`.
 
     `sources` are GRIB or NetCDF files: one file, files split by time, or one file per
-    variable. Periods are inclusive `(start, end)` times that must lie inside the data and
-    must not overlap. `variables` selects ERA5 short names (default: all). Statistics
-    come from `train_period` only.
+    variable. A source may also be an opened dataset that carries a provenance record in
+    `attrs[SOURCE_RECORD_ATTR]`, as `tasks.sources` opens CDS downloads and Zarr stores. Periods are inclusive `(start, end)` times that must lie inside the data and
+    must not overlap. `test_period` None marks a dataset that is not evaluated, for
+    example a single time step. `variables` selects ERA5 short names (default: all).
+    Statistics come from `train_period` only.
+
+    Grid options (`tasks.grid`): `area = (north, west, south, east)` in degrees crops the
+    grid, also across the 180° or 0° meridian. `longitude_convention` is "-180..180"
+    (default) or "0..360". `coarsen_factor` block-averages that many points in each
+    direction with cell-area weights (1 keeps the grid).
+
+    `normalisation` maps variables to "global" (one mean and std per level, the default)
+    or "local" (per calendar month, level and grid point); see `tasks.normalise`.
+    `on_time_gaps` is "error" (default) to reject missing or irregular time steps, or
+    "keep" to keep them with their true times; the gaps are listed in the log and in the
+    catalog entry. Ensemble members are kept as the `member` dimension.
 
     Returns `reused=True` without writing when the catalog already has `name` with the
     same digest and its store is complete. A failure at any step leaves no new
@@ -106,18 +147,25 @@ def ingest_era5(
     catalog = catalog if catalog is not None else Catalog()
     target = catalog.default_zarr_path(name)
     paths = _resolve_sources(sources)
+    labels = [_source_label(source) for source in paths]
     if time_chunk < 1:
         raise ValueError(f"time_chunk must be a positive number of time steps, got {time_chunk}")
     train = _parse_period(train_period, "train_period")
     test = _parse_period(test_period, "test_period")
 
-    source_files = [_describe_source(path) for path in paths]
+    source_files = [_describe_source(source) for source in paths]
+    _check_options(area, longitude_convention, coarsen_factor, normalisation, on_time_gaps)
     parameters = {
         "format_version": INGEST_FORMAT_VERSION,
         "variables": sorted(variables) if variables is not None else None,
         "train_period": list(_iso_period(train)),
-        "test_period": list(_iso_period(test)),
+        "test_period": list(_iso_period(test)) if test is not None else None,
         "time_chunk": time_chunk,
+        "area": [float(value) for value in area] if area is not None else None,
+        "longitude_convention": longitude_convention,
+        "coarsen_factor": coarsen_factor,
+        "normalisation": dict(sorted((normalisation or {}).items())),
+        "on_time_gaps": on_time_gaps,
     }
     digest = dataset_digest([source.sha256 for source in source_files], parameters)
 
@@ -126,37 +174,44 @@ def ingest_era5(
         logger.info("dataset %s with digest %s is complete at %s, so it is reused", name, digest[:12], target)
         return IngestResult(entry=reusable, reused=True, zarr_path=catalog.resolve_zarr_path(reusable))
 
-    logger.info("ingesting %d source file(s) into dataset %s (digest %s)", len(paths), name, digest[:12])
+    logger.info("ingesting %d source(s) into dataset %s (digest %s)", len(paths), name, digest[:12])
     dataset = open_sources(paths, time_chunk)
-    dataset = select_variables(dataset, variables, paths)
+    dataset = select_variables(dataset, variables, labels)
+    where = _list_paths(labels)
+    dataset = regrid(dataset, where, area, longitude_convention, coarsen_factor).chunk(_chunks(dataset, time_chunk))
+    time_step, time_gaps = check_time_gaps(dataset[TIME].values, where, on_time_gaps)
     validate_periods(dataset, train, test)
 
     try:
-        statistics = compute_statistics(dataset, _iso_period(train))
+        summary = summarise(dataset, _iso_period(train), normalisation)
     except GribInternalError as error:
-        raise InvalidSourceError(f"cannot decode GRIB data from {_list_paths(paths)}: {error}") from error
+        raise InvalidSourceError(f"cannot decode GRIB data from {where}: {error}") from error
 
-    normalised = normalise(dataset, statistics).astype(np.float32)
+    normalised = normalise(dataset, summary.statistics).astype(np.float32)
+    normalised = add_masks(normalised, dataset, summary.missing)
     entry = _build_entry(
-        dataset, name, target, train, test, statistics, source_files, parameters, digest, time_chunk
+        dataset, name, target, (train, test), summary, (time_step, time_gaps), source_files, parameters, digest, time_chunk
     )
     normalised.attrs = _store_attrs(entry)
-    _write_and_publish(normalised, entry, catalog, target, time_chunk)
+    _write_and_publish(normalised, statistics_dataset(summary.statistics), entry, catalog, target, time_chunk)
     return IngestResult(entry=entry, reused=False, zarr_path=target)
 
 
 # --- sources: decoding and canonical form -------------------------------------------------
 
 
-def open_sources(paths: Sequence[Path], time_chunk: int = 24) -> xr.Dataset:
-    """Decode, canonicalise and validate every file, then combine them into one dataset.
+def open_sources(sources: Sequence[Path | xr.Dataset], time_chunk: int = 24) -> xr.Dataset:
+    """Decode, canonicalise and validate every file or opened dataset, then combine them into one dataset.
 
     Returns dask-backed variables chunked `time_chunk` steps along time, with dims
     `(time, [level,] latitude, longitude)`.
     """
+    # An opened dataset is named by the path of its provenance record in error messages.
+    paths = [_source_label(source) for source in sources]
     datasets = []
-    for path in paths:
-        dataset = canonicalise(open_source(path), path)
+    for source, path in zip(sources, paths, strict=True):
+        opened = source if isinstance(source, xr.Dataset) else open_source(source)
+        dataset = canonicalise(opened, path)
         validate_source(dataset, path)
         datasets.append(dataset.chunk(_chunks(dataset, time_chunk)))
 
@@ -199,20 +254,50 @@ def open_source(path: Path) -> xr.Dataset:
 
 
 def _open_grib(path: Path) -> xr.Dataset:
+    """Inspect the message headers, then decode the file; several level types are decoded apart and merged."""
+    try:
+        inspect_grib(path)
+    except GribInspectionError as error:
+        raise InvalidSourceError(str(error)) from error
+
     # indexpath "" keeps cfgrib's index in memory, so nothing is written beside the input.
     # errors "raise" turns a truncated message into an exception instead of a smaller dataset.
+    backend_kwargs = {"indexpath": "", "errors": "raise"}
     try:
-        return xr.open_dataset(
-            path,
-            engine="cfgrib",
-            backend_kwargs={"indexpath": "", "errors": "raise"},
-            decode_timedelta=True,
-        )
+        try:
+            return xr.open_dataset(path, engine="cfgrib", backend_kwargs=backend_kwargs, decode_timedelta=True)
+        except DatasetBuildError as error:
+            logger.info("GRIB file %s mixes level types (%s), so each is decoded apart", path, str(error).splitlines()[0])
+            parts = cfgrib.open_datasets(path, backend_kwargs=backend_kwargs, decode_timedelta=True)
     except (GribInternalError, DatasetBuildError, EOFError, OSError) as error:
         raise InvalidSourceError(
             f"cannot decode GRIB file {path}: {type(error).__name__}: {error}. The file may be "
-            "truncated or corrupted (download it again), or mix several grids or level types "
-            "(split it into one file per kind)."
+            "truncated or corrupted (download it again), or mix kinds of fields that cfgrib cannot "
+            "separate (split it into one file per kind)."
+        ) from error
+    return _merge_level_types(parts, path)
+
+
+def _merge_level_types(parts: list[xr.Dataset], path: Path) -> xr.Dataset:
+    """Merge cfgrib's per-level-type datasets of one file, with every pressure level in hPa.
+
+    Parts must share their times, steps, members and grid, so the merge adds levels and
+    variables but never fills missing fields with NaN.
+    """
+    parts = [_canonical_level(part, path) for part in parts]
+    shared = ("time", "step", "valid_time", "number", LATITUDE, LONGITUDE)
+    for part in parts[1:]:
+        for name in shared:
+            if name in part.variables and name in parts[0].variables and not parts[0][name].equals(part[name]):
+                raise InvalidSourceError(
+                    f"GRIB file {path} has level types with different {name} values, so they cannot form one "
+                    "dataset. Split the file into one file per level type."
+                )
+    try:
+        return xr.merge(parts, compat="no_conflicts", join="outer", combine_attrs="drop_conflicts")
+    except ValueError as error:
+        raise InvalidSourceError(
+            f"cannot merge the level types of GRIB file {path}: {error}. Split the file into one file per level type."
         ) from error
 
 
@@ -235,12 +320,15 @@ def _open_netcdf(path: Path) -> xr.Dataset:
 def canonicalise(dataset: xr.Dataset, path: Path) -> xr.Dataset:
     """Rename to canonical dims, drop scalar and auxiliary coords, and sort the grid.
 
-    Time becomes the valid time. Pressure levels become `level` in hPa, ascending.
-    Latitude runs north to south and longitude ascends. Variable attrs keep only units,
-    long_name and standard_name, and source encodings (packing, fill values) are dropped.
+    Time becomes the valid time. Ensemble members (cfgrib's `number`) become `member`.
+    Pressure levels become `level` in hPa, ascending. Latitude runs north to south and
+    longitude ascends. Variable attrs keep only units, long_name and standard_name, and
+    source encodings (packing, fill values) are dropped. Raises InvalidSourceError for a
+    grid that is not regular latitude-longitude.
     """
+    _check_regular_grid(dataset, path)
     dataset = _canonical_time(dataset, path)
-    dataset = _canonical_level(dataset)
+    dataset = _canonical_level(dataset, path)
     dataset = dataset.rename({old: new for old, new in DIMENSION_ALIASES.items() if old in dataset.variables})
 
     auxiliary = [name for name in dataset.coords if name not in dataset.dims]
@@ -250,7 +338,7 @@ def canonicalise(dataset: xr.Dataset, path: Path) -> xr.Dataset:
     if unsupported:
         raise InvalidSourceError(
             f"source {path} has unsupported dimensions {unsupported} (supported: {list(CANONICAL_DIMS)}). "
-            "Select a single ensemble member, forecast step or level type before ingesting."
+            "Select a single forecast step or level type before ingesting."
         )
     for dim in (LATITUDE, LONGITUDE):
         if dim not in dataset.dims:
@@ -266,6 +354,24 @@ def canonicalise(dataset: xr.Dataset, path: Path) -> xr.Dataset:
     # Dataset.map would copy the source attrs back (or drop all attrs), so build the dataset directly.
     dataset = xr.Dataset({name: _canonical_variable(values, path) for name, values in dataset.data_vars.items()})
     return dataset.drop_encoding()
+
+
+def _check_regular_grid(dataset: xr.Dataset, path: Path | str) -> None:
+    """Raise for a GRIB grid type other than regular_ll, or for 2-D latitude or longitude coordinates."""
+    grid_types = {str(values.attrs["GRIB_gridType"]) for values in dataset.data_vars.values() if "GRIB_gridType" in values.attrs}
+    unsupported = sorted(grid_types - SUPPORTED_GRID_TYPES)
+    if unsupported:
+        raise InvalidSourceError(
+            f"source {path} has grid type(s) {unsupported} (GRIB_gridType), but ingest needs a regular "
+            "latitude-longitude grid ('regular_ll'). Interpolate the data to a regular lat-lon grid first."
+        )
+    for name in (LATITUDE, LONGITUDE, "lat", "lon"):
+        if name in dataset.variables and dataset[name].ndim > 1:
+            raise InvalidSourceError(
+                f"source {path} has a {dataset[name].ndim}-D {name} coordinate with dims {dataset[name].dims}: a "
+                "projected or curvilinear grid (such as Lambert conformal), but ingest needs a regular "
+                "latitude-longitude grid. Interpolate the data to a regular lat-lon grid first."
+            )
 
 
 def _canonical_time(dataset: xr.Dataset, path: Path) -> xr.Dataset:
@@ -301,12 +407,15 @@ def _canonical_time(dataset: xr.Dataset, path: Path) -> xr.Dataset:
     return dataset
 
 
-def _canonical_level(dataset: xr.Dataset) -> xr.Dataset:
-    """Rename the pressure coordinate to `level` in hPa, and turn a scalar level into a length-1 dimension."""
+def _canonical_level(dataset: xr.Dataset, path: Path | str) -> xr.Dataset:
+    """Rename the pressure coordinate to `level` in hPa, and turn a scalar level into a length-1 dimension.
+
+    Levels in Pa (cfgrib's `isobaricInPa`, or units "Pa") are divided by 100. Raises
+    InvalidSourceError for level units that are not a pressure.
+    """
     if "isobaricInPa" in dataset.variables:
-        in_hpa = dataset["isobaricInPa"] / 100.0
-        in_hpa.attrs = {"units": "hPa", "long_name": "pressure"}
-        dataset = dataset.assign_coords(isobaricInPa=in_hpa).rename({"isobaricInPa": LEVEL})
+        dataset = dataset.rename({"isobaricInPa": LEVEL})
+        dataset[LEVEL].attrs["units"] = "Pa"
     for alias, canonical in DIMENSION_ALIASES.items():
         if canonical == LEVEL and alias in dataset.variables:
             dataset = dataset.rename({alias: LEVEL})
@@ -314,10 +423,16 @@ def _canonical_level(dataset: xr.Dataset) -> xr.Dataset:
     if LEVEL not in dataset.variables:
         return dataset
     units = str(dataset[LEVEL].attrs.get("units", "hPa"))
-    if units == "Pa":
-        in_hpa = dataset[LEVEL] / 100.0
-        in_hpa.attrs = {**dataset[LEVEL].attrs, "units": "hPa"}
-        dataset = dataset.assign_coords({LEVEL: in_hpa})
+    if units in PRESSURE_TO_HPA:
+        in_hpa = dataset[LEVEL].astype(np.float64) * PRESSURE_TO_HPA[units]
+    elif units in HPA_UNITS:
+        in_hpa = dataset[LEVEL].astype(np.float64)
+    else:
+        raise InvalidSourceError(
+            f"level coordinate of {path} has units {units!r}, but ingest expects pressure levels in hPa or Pa"
+        )
+    in_hpa.attrs = {**dataset[LEVEL].attrs, "units": "hPa"}
+    dataset = dataset.assign_coords({LEVEL: in_hpa})
     if dataset[LEVEL].ndim == 0:
         level_value = dataset[LEVEL].values
         dataset = dataset.drop_vars(LEVEL).expand_dims({LEVEL: [level_value]})
@@ -354,21 +469,13 @@ def validate_source(dataset: xr.Dataset, path: Path) -> None:
     _check_time_axis(dataset[TIME].values, str(path))
 
 
-def validate_combined(dataset: xr.Dataset, paths: Sequence[Path]) -> None:
-    """Check the combined dataset: increasing time with a regular step, and a regular grid."""
+def validate_combined(dataset: xr.Dataset, paths: Sequence[Path | str]) -> None:
+    """Check the combined dataset: increasing time without duplicates, and a regular grid.
+
+    Gaps in the time axis are left to `check_time_gaps`.
+    """
     where = _list_paths(paths)
-    times = dataset[TIME].values
-    _check_time_axis(times, where)
-    if times.size > 1:
-        steps = np.diff(times)
-        irregular = np.flatnonzero(steps != steps[0])
-        if irregular.size:
-            index = int(irregular[0])
-            raise InvalidSourceError(
-                f"time axis of {where} is not regular: step {pd.Timedelta(steps[0])} at the start but "
-                f"{pd.Timedelta(steps[index])} from {_iso(times[index])} to {_iso(times[index + 1])}. "
-                "Add the missing time steps or ingest the parts separately."
-            )
+    _check_time_axis(dataset[TIME].values, where)
 
     for dim in (LATITUDE, LONGITUDE):
         coordinate = dataset[dim].values
@@ -379,6 +486,49 @@ def validate_combined(dataset: xr.Dataset, paths: Sequence[Path]) -> None:
                     f"{dim} of {where} is not evenly spaced (steps from {steps.min()} to {steps.max()} "
                     "degrees), but ingest expects a regular latitude-longitude grid"
                 )
+
+
+def check_time_gaps(
+    times: np.ndarray, where: str, on_time_gaps: str = "error"
+) -> tuple[np.timedelta64, list[tuple[np.datetime64, np.datetime64]]]:
+    """Find the regular time step and the intervals that differ from it.
+
+    times: [T] increasing datetime64. The regular step is the most common difference
+    between consecutive times (the smaller one on a tie), and 0 for a single time. Each
+    gap is `(time before, time after)` of a difference other than the step, so a missing
+    step or an irregular one. With `on_time_gaps` "error" gaps raise InvalidSourceError
+    listing them; with "keep" they are logged and returned.
+    """
+    if times.size < 2:
+        return np.timedelta64(0, "ns"), []
+    steps = np.diff(times)
+    values, counts = np.unique(steps, return_counts=True)
+    step = values[int(np.argmax(counts))]
+    gaps = [(times[index], times[index + 1]) for index in np.flatnonzero(steps != step)]
+    if not gaps:
+        return step, []
+
+    listing = _describe_gaps(gaps, step)
+    if on_time_gaps == "error":
+        raise InvalidSourceError(
+            f"time axis of {where} is not regular: the step is {pd.Timedelta(step)}, but {len(gaps)} interval(s) "
+            f"differ: {listing}. Add the missing time steps, or pass on_time_gaps='keep' to keep the true times "
+            "(training windows then skip the gaps)."
+        )
+    logger.warning(
+        "time axis of %s has %d gap(s) or irregular step(s), kept with their true times: %s", where, len(gaps), listing
+    )
+    return step, gaps
+
+
+def _describe_gaps(gaps: Sequence[tuple[np.datetime64, np.datetime64]], step: np.timedelta64) -> str:
+    listed = []
+    for before, after in gaps[:_MAX_LISTED_GAPS]:
+        missing = int((after - before) // step) - 1 if (after - before) % step == np.timedelta64(0) else None
+        detail = f"{missing} step(s) missing" if missing else "irregular step"
+        listed.append(f"{_iso(before)} to {_iso(after)} ({detail})")
+    more = f" and {len(gaps) - _MAX_LISTED_GAPS} more" if len(gaps) > _MAX_LISTED_GAPS else ""
+    return "; ".join(listed) + more
 
 
 def _check_time_axis(times: np.ndarray, where: str) -> None:
@@ -397,21 +547,88 @@ def _check_time_axis(times: np.ndarray, where: str) -> None:
         )
 
 
-def _check_disjoint_times(datasets: Sequence[xr.Dataset], paths: Sequence[Path]) -> None:
-    """Raise when two files provide the same variable at the same time."""
-    owners: dict[str, list[tuple[Path, np.ndarray]]] = defaultdict(list)
+def _check_disjoint_times(datasets: Sequence[xr.Dataset], paths: Sequence[Path | str]) -> None:
+    """Raise when the files do not fit together into one dataset.
+
+    That is when their grids differ, when a variable is missing from the files of some
+    times, or when two files give one variable at the same time (the message says whether
+    the values are identical or differ).
+    """
+    _check_same_grid(datasets, paths)
+    _check_variables_cover_times(datasets, paths)
+
+    owners: dict[str, list[tuple[Path | str, xr.Dataset]]] = defaultdict(list)
     for dataset, path in zip(datasets, paths, strict=True):
         for variable in dataset.data_vars:
-            owners[str(variable)].append((path, dataset[TIME].values))
+            owners[str(variable)].append((path, dataset))
     for variable, files in owners.items():
-        for index, (first_path, first_times) in enumerate(files):
-            for second_path, second_times in files[index + 1 :]:
-                shared = np.intersect1d(first_times, second_times)
+        for index, (first_path, first) in enumerate(files):
+            for second_path, second in files[index + 1 :]:
+                shared = np.intersect1d(first[TIME].values, second[TIME].values)
                 if shared.size:
                     raise InvalidSourceError(
                         f"variable {variable!r} appears at {shared.size} identical time(s) (first "
-                        f"{_iso(shared[0])}) in both {first_path} and {second_path}. Remove one of the files."
+                        f"{_iso(shared[0])}) in both {first_path} and {second_path}, "
+                        f"{_compare_repeats(first[variable], second[variable], shared)}. Remove one of the files "
+                        "or cut the overlap."
                     )
+
+
+def _compare_repeats(first: xr.DataArray, second: xr.DataArray, times: np.ndarray) -> str:
+    """Describe whether two files give the same values at their shared times."""
+    first_values = first.sel({TIME: times}).values
+    second_values = second.sel({TIME: times}).values
+    if first_values.shape != second_values.shape:
+        return "with different shapes"
+    axes = tuple(range(1, first_values.ndim))
+    differs = ~((first_values == second_values) | (np.isnan(first_values) & np.isnan(second_values))).all(axis=axes)
+    if not differs.any():
+        return "with the same values"
+    return f"with different values at {int(differs.sum())} of them (first {_iso(times[np.argmax(differs)])})"
+
+
+def _check_same_grid(datasets: Sequence[xr.Dataset], paths: Sequence[Path | str]) -> None:
+    reference = datasets[0]
+    for dataset, path in zip(datasets[1:], paths[1:], strict=True):
+        for dim in (LATITUDE, LONGITUDE):
+            first, other = reference[dim].values, dataset[dim].values
+            if first.shape != other.shape or not np.allclose(first, other, rtol=0.0, atol=1e-6):
+                raise InvalidSourceError(
+                    f"files {paths[0]} and {path} have different grids or resolutions: {_describe_grid(reference)} "
+                    f"against {_describe_grid(dataset)}. Regrid them to one grid, or ingest them as separate datasets."
+                )
+
+
+def _describe_grid(dataset: xr.Dataset) -> str:
+    latitude, longitude = dataset[LATITUDE].values, dataset[LONGITUDE].values
+    step = abs(float(latitude[1] - latitude[0])) if latitude.size > 1 else float("nan")
+    return (
+        f"{latitude.size} x {longitude.size} points, latitude {latitude[0]:g} to {latitude[-1]:g}, "
+        f"longitude {longitude[0]:g} to {longitude[-1]:g}, step {step:g} degrees"
+    )
+
+
+def _check_variables_cover_times(datasets: Sequence[xr.Dataset], paths: Sequence[Path | str]) -> None:
+    """Raise when a variable is missing at times that other files provide."""
+    all_times = np.unique(np.concatenate([dataset[TIME].values for dataset in datasets]))
+    variables = sorted({str(variable) for dataset in datasets for variable in dataset.data_vars})
+    for variable in variables:
+        holders = [dataset for dataset in datasets if variable in dataset.data_vars]
+        covered = np.unique(np.concatenate([dataset[TIME].values for dataset in holders]))
+        if covered.size == all_times.size:
+            continue
+        lacking = [
+            (path, dataset)
+            for dataset, path in zip(datasets, paths, strict=True)
+            if variable not in dataset.data_vars and not np.isin(dataset[TIME].values, covered).all()
+        ]
+        path, dataset = lacking[0]
+        raise InvalidSourceError(
+            f"variable {variable!r} is missing from {path} (times {_iso(dataset[TIME].values[0])} to "
+            f"{_iso(dataset[TIME].values[-1])}, variables {sorted(map(str, dataset.data_vars))}), while other files "
+            "give it. Every time step needs every variable: add the variable or select common variables with "
+            "`variables`."
+        )
 
 
 def select_variables(dataset: xr.Dataset, variables: list[str] | None, paths: Sequence[Path]) -> xr.Dataset:
@@ -432,11 +649,17 @@ def select_variables(dataset: xr.Dataset, variables: list[str] | None, paths: Se
     return dataset[list(variables)]
 
 
-def validate_periods(dataset: xr.Dataset, train: tuple[datetime, datetime], test: tuple[datetime, datetime]) -> None:
-    """Check that both periods lie inside the data, select at least one step and do not overlap."""
+def validate_periods(
+    dataset: xr.Dataset, train: tuple[datetime, datetime], test: tuple[datetime, datetime] | None
+) -> None:
+    """Check that both periods lie inside the data, select at least one step and do not overlap.
+
+    `test` None skips the checks of the test period.
+    """
     times = dataset[TIME].values
     first, last = times[0], times[-1]
-    for label, (start, end) in (("train_period", train), ("test_period", test)):
+    periods = [("train_period", train)] + ([("test_period", test)] if test is not None else [])
+    for label, (start, end) in periods:
         start64, end64 = np.datetime64(start, "ns"), np.datetime64(end, "ns")
         if start64 < first or end64 > last:
             raise InvalidPeriodError(
@@ -446,11 +669,71 @@ def validate_periods(dataset: xr.Dataset, train: tuple[datetime, datetime], test
         if not np.any((times >= start64) & (times <= end64)):
             raise InvalidPeriodError(f"{label} {_iso_period((start, end))} contains no time step of the data")
 
-    if train[0] <= test[1] and test[0] <= train[1]:
+    if test is not None and train[0] <= test[1] and test[0] <= train[1]:
         raise InvalidPeriodError(
             f"train_period {_iso_period(train)} overlaps test_period {_iso_period(test)}. "
             "Choose disjoint periods, so the test period does not inform the normalisation statistics."
         )
+
+
+def regrid(
+    dataset: xr.Dataset,
+    where: str,
+    area: Sequence[float] | None = None,
+    longitude_convention: str = grid.DEFAULT_LONGITUDE_CONVENTION,
+    coarsen_factor: int = 1,
+) -> xr.Dataset:
+    """Crop to `area`, wrap and sort longitudes into `longitude_convention`, then coarsen; see `tasks.grid`.
+
+    Raises tasks.grid.InvalidGridError naming the area, the convention or `where`.
+    """
+    if area is not None:
+        dataset = grid.crop_area(dataset, area, where)
+    dataset = grid.apply_longitude_convention(dataset, longitude_convention, where)
+    return grid.coarsen(dataset, coarsen_factor)
+
+
+def add_masks(normalised: xr.Dataset, source: xr.Dataset, missing: dict[str, int]) -> xr.Dataset:
+    """Add a boolean `<var>_mask` (True where the source value is missing) for each variable with NaN values.
+
+    The data variable names its mask in the CF attribute `ancillary_variables`.
+    """
+    masks = {}
+    for variable, count in missing.items():
+        if count == 0:
+            continue
+        mask_name = f"{variable}{MASK_SUFFIX}"
+        if mask_name in source.variables:
+            raise InvalidSourceError(f"variable {mask_name!r} clashes with the mask name of variable {variable!r}")
+        mask = source[variable].isnull()
+        mask.attrs = {"long_name": f"missing values of {variable}", "flag_meanings": "missing"}
+        masks[mask_name] = mask
+        normalised[variable].attrs["ancillary_variables"] = mask_name
+        logger.info("variable %s has %d missing values, kept as NaN and flagged in %s", variable, count, mask_name)
+    return normalised.assign(masks)
+
+
+def _check_options(
+    area: Sequence[float] | None,
+    longitude_convention: str,
+    coarsen_factor: int,
+    normalisation: dict[str, str] | None,
+    on_time_gaps: str,
+) -> None:
+    """Raise ValueError for an invalid grid, normalisation or time gap option before any file is read."""
+    if area is not None:
+        grid.check_area(area)
+    if longitude_convention not in grid.LONGITUDE_CONVENTIONS:
+        raise ValueError(
+            f"longitude_convention {longitude_convention!r} is unknown: use one of {list(grid.LONGITUDE_CONVENTIONS)}"
+        )
+    if isinstance(coarsen_factor, bool) or not isinstance(coarsen_factor, int) or coarsen_factor < 1:
+        raise ValueError(f"coarsen_factor must be a positive integer, got {coarsen_factor!r}")
+    for variable, scheme in (normalisation or {}).items():
+        if scheme not in SCHEMES:
+            raise ValueError(f"normalisation of {variable!r} is {scheme!r}: use one of {list(SCHEMES)}")
+    if on_time_gaps not in ON_TIME_GAPS:
+        raise ValueError(f"on_time_gaps {on_time_gaps!r} is unknown: use one of {list(ON_TIME_GAPS)}")
 
 
 # --- catalog entry, reuse and writing -----------------------------------------------------
@@ -460,15 +743,17 @@ def _build_entry(
     dataset: xr.Dataset,
     name: str,
     target: Path,
-    train: tuple[datetime, datetime],
-    test: tuple[datetime, datetime],
-    statistics: dict[str, dict[str, list[float]]],
+    periods: tuple[tuple[datetime, datetime], tuple[datetime, datetime] | None],
+    summary: Summary,
+    time_axis: tuple[np.timedelta64, list[tuple[np.datetime64, np.datetime64]]],
     source_files: list[SourceFile],
     parameters: dict[str, object],
     digest: str,
     time_chunk: int,
 ) -> DatasetEntry:
     created = datetime.now(timezone.utc)
+    train, test = periods
+    time_step, time_gaps = time_axis
     times = dataset[TIME].values
     latitude = dataset[LATITUDE].values
     longitude = dataset[LONGITUDE].values
@@ -478,15 +763,19 @@ def _build_entry(
             long_name=values.attrs.get("long_name"),
             standard_name=values.attrs.get("standard_name"),
             has_levels=LEVEL in values.dims,
+            missing_values=summary.missing[str(variable)],
+            mask=f"{variable}{MASK_SUFFIX}" if summary.missing[str(variable)] else None,
         )
         for variable, values in dataset.data_vars.items()
     }
+    statistics = statistics_attrs(summary.statistics)
 
     return DatasetEntry(
         name=name,
         zarr_path=str(target),
         variables=variables,
         levels=dataset[LEVEL].values.tolist() if LEVEL in dataset.dims else None,
+        members=dataset[MEMBER].values.astype(int).tolist() if MEMBER in dataset.dims else None,
         grid=GridInfo(
             latitude_first=float(latitude[0]),
             latitude_last=float(latitude[-1]),
@@ -498,9 +787,10 @@ def _build_entry(
         ),
         time_start=pd.Timestamp(times[0]).to_pydatetime(),
         time_end=pd.Timestamp(times[-1]).to_pydatetime(),
-        time_step=pd.Timedelta(times[1] - times[0]).to_pytimedelta() if times.size > 1 else timedelta(0),
+        time_step=pd.Timedelta(time_step).to_pytimedelta(),
         time_count=int(times.size),
         time_chunk=time_chunk,
+        time_gaps=[(pd.Timestamp(before).to_pydatetime(), pd.Timestamp(after).to_pydatetime()) for before, after in time_gaps],
         train_period=train,
         test_period=test,
         statistics={variable: VariableStatistics(**values) for variable, values in statistics.items()},
@@ -516,13 +806,17 @@ def _build_entry(
 
 
 def _store_attrs(entry: DatasetEntry) -> dict[str, object]:
-    """Return the Zarr attributes (statistics, periods, provenance, digest, name) as JSON values."""
+    """Return the Zarr attributes (statistics, periods, time gaps, provenance, digest, name) as JSON values."""
     document = entry.model_dump(mode="json")
     return {
         "name": entry.name,
-        "statistics": document["statistics"],
+        "statistics": {
+            variable: statistics.model_dump(mode="json", exclude_none=True)
+            for variable, statistics in entry.statistics.items()
+        },
         "train_period": document["train_period"],
         "test_period": document["test_period"],
+        "time_gaps": document["time_gaps"],
         "provenance": document["provenance"],
         "digest": entry.digest,
     }
@@ -549,10 +843,11 @@ def _find_reusable_entry(catalog: Catalog, name: str, digest: str) -> DatasetEnt
             "Zarr store %s of dataset %s cannot be opened (%s), so the dataset is ingested again", path, name, error
         )
         return None
+    expected = set(entry.variables) | {info.mask for info in entry.variables.values() if info.mask}
     with store:
         complete = (
             store.attrs.get("digest") == digest
-            and set(map(str, store.data_vars)) == set(entry.variables)
+            and set(map(str, store.data_vars)) == expected
             and store.sizes.get(TIME) == entry.time_count
         )
     if not complete:
@@ -562,7 +857,12 @@ def _find_reusable_entry(catalog: Catalog, name: str, digest: str) -> DatasetEnt
 
 
 def _write_and_publish(
-    dataset: xr.Dataset, entry: DatasetEntry, catalog: Catalog, target: Path, time_chunk: int
+    dataset: xr.Dataset,
+    statistics_arrays: xr.Dataset,
+    entry: DatasetEntry,
+    catalog: Catalog,
+    target: Path,
+    time_chunk: int,
 ) -> None:
     """Write the store beside `target`, swap it into place, then publish the entry.
 
@@ -577,7 +877,7 @@ def _write_and_publish(
     previous: Path | None = None
     moved_into_place = False
     try:
-        _write_zarr(dataset, temporary, time_chunk)
+        _write_zarr(dataset, statistics_arrays, temporary, time_chunk)
 
         if target.exists():
             catalog.remove(entry.name)
@@ -597,11 +897,12 @@ def _write_and_publish(
     logger.info("wrote dataset %s to %s", entry.name, target)
 
 
-def _write_zarr(dataset: xr.Dataset, path: Path, time_chunk: int) -> None:
+def _write_zarr(dataset: xr.Dataset, statistics_arrays: xr.Dataset, path: Path, time_chunk: int) -> None:
     """Write Zarr format 3 in chunks of `time_chunk` steps by the whole grid, one time block at a time.
 
     The first `to_zarr` call creates the arrays and writes the coordinates. Each further
-    call computes one block of dask chunks and writes it into its time region.
+    call computes one block of dask chunks and writes it into its time region. Local
+    statistics arrays go to the child group `statistics`, one chunk per month.
     """
     encoding = {
         str(variable): {"chunks": tuple(time_chunk if dim == TIME else values.sizes[dim] for dim in values.dims)}
@@ -610,38 +911,80 @@ def _write_zarr(dataset: xr.Dataset, path: Path, time_chunk: int) -> None:
     dataset.to_zarr(path, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
 
     time_count = dataset.sizes[TIME]
-    data = dataset[list(dataset.data_vars)].drop_vars([LEVEL, LATITUDE, LONGITUDE], errors="ignore")
+    data = dataset[list(dataset.data_vars)].drop_vars([MEMBER, LEVEL, LATITUDE, LONGITUDE], errors="ignore")
     starts = range(0, time_count, time_chunk)
     for start in tqdm(starts, desc=f"writing {path.name}", unit="block", disable=None):
         region = slice(start, min(start + time_chunk, time_count))
         data.isel({TIME: region}).to_zarr(path, region={TIME: region}, consolidated=False)
 
+    if statistics_arrays.data_vars:
+        statistics_encoding = {
+            str(name): {"chunks": tuple(1 if dim == "month" else size for dim, size in values.sizes.items())}
+            for name, values in statistics_arrays.data_vars.items()
+        }
+        statistics_arrays.to_zarr(
+            path, group=STATISTICS_GROUP, mode="w-", zarr_format=3, consolidated=False, encoding=statistics_encoding
+        )
+
 
 # --- small helpers ------------------------------------------------------------------------
 
 
-def _resolve_sources(sources: Sequence[str | Path]) -> list[Path]:
-    if isinstance(sources, (str, Path)):
+# Attribute of an opened dataset source that holds its provenance record: a mapping with
+# the SourceFile fields path (where the data came from), sha256 and size in bytes.
+SOURCE_RECORD_ATTR = "atmorep_source"
+
+
+def _resolve_sources(sources: Sequence[str | Path | xr.Dataset]) -> list[Path | xr.Dataset]:
+    if isinstance(sources, (str, Path, xr.Dataset)):
         sources = [sources]
     if not sources:
-        raise ValueError("sources is empty. Pass at least one GRIB or NetCDF file.")
+        raise ValueError("sources is empty. Pass at least one GRIB or NetCDF file or opened dataset.")
 
-    paths = []
+    resolved: list[Path | xr.Dataset] = []
+    labels: list[Path | str] = []
     for source in sources:
-        path = Path(source).expanduser().resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"source file {path} not found")
-        if path in paths:
-            raise ValueError(f"source file {path} is listed twice")
-        paths.append(path)
-    return paths
+        if isinstance(source, xr.Dataset):
+            label: Path | str = _dataset_record(source).path
+        else:
+            label = source = Path(source).expanduser().resolve()
+            if not source.is_file():
+                raise FileNotFoundError(f"source file {source} not found")
+        if label in labels:
+            raise ValueError(f"source {label} is listed twice")
+        resolved.append(source)
+        labels.append(label)
+    return resolved
 
 
-def _describe_source(path: Path) -> SourceFile:
-    return SourceFile(path=str(path), sha256=sha256_file(path), size=path.stat().st_size)
+def _describe_source(source: Path | xr.Dataset) -> SourceFile:
+    if isinstance(source, xr.Dataset):
+        return _dataset_record(source)
+    return SourceFile(path=str(source), sha256=sha256_file(source), size=source.stat().st_size)
 
 
-def _parse_period(period: tuple[object, object], label: str) -> tuple[datetime, datetime]:
+def _dataset_record(dataset: xr.Dataset) -> SourceFile:
+    record = dataset.attrs.get(SOURCE_RECORD_ATTR)
+    if record is None:
+        raise InvalidSourceError(
+            f"an opened dataset source has no provenance record in attrs[{SOURCE_RECORD_ATTR!r}]. Open it with "
+            "tasks.sources (open_cds, open_remote_zarr) or add the record with tasks.sources.attach_source_record."
+        )
+    try:
+        return SourceFile.model_validate(record)
+    except ValidationError as error:
+        raise InvalidSourceError(f"provenance record {record!r} of an opened dataset source is invalid: {error}") from error
+
+
+def _source_label(source: Path | xr.Dataset) -> Path | str:
+    """Return a file source itself, or the record path of an opened dataset, for error messages."""
+    return _dataset_record(source).path if isinstance(source, xr.Dataset) else source
+
+
+def _parse_period(period: tuple[object, object] | None, label: str) -> tuple[datetime, datetime] | None:
+    """Parse an inclusive `(start, end)` pair of times into naive UTC datetimes; None stays None."""
+    if period is None:
+        return None
     try:
         start, end = period
         moments = [pd.Timestamp(value) for value in (start, end)]
