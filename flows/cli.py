@@ -25,6 +25,8 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+# Artifact downloads are small here; their progress bars would clutter the output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 if os.environ.get("PREFECT_HOME"):
     # Prefect does not create missing parents of its home folder.
     os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
@@ -77,7 +79,9 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
             # List fields already take "+" values from _option_kwargs, other fields take one value.
             parser.add_argument(name, help=help_text, **{k: v for k, v in kwargs.items() if k != "metavar"})
             continue
-        if default is not None and default != []:
+        if isinstance(default, tuple):
+            help_text += f" (default: {' '.join(map(str, default))})"
+        elif default is not None and default != []:
             help_text += f" (default: {default})"
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=help_text, **kwargs)
 
@@ -86,6 +90,15 @@ def build_params(model: type[BaseModel], arguments: argparse.Namespace) -> BaseM
     """Validate the options the user gave against the flow's parameter model."""
     given = {name: getattr(arguments, name) for name in model.model_fields if getattr(arguments, name, None) is not None}
     return model(**given)
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """Render pydantic errors as one line per invalid option, without input dumps."""
+    lines = []
+    for detail in error.errors():
+        option = "--" + "-".join(str(part) for part in detail["loc"]).replace("_", "-") if detail["loc"] else "options"
+        lines.append(f"{option}: {detail['msg'].removeprefix('Value error, ')}")
+    return "; ".join(lines)
 
 
 def _run_ingest(params: IngestEra5Params) -> dict:
@@ -252,7 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.command == "lineage":
         from tasks.lineage import format_lineage, model_lineage
 
-        lineage = model_lineage(arguments.model_uri)
+        try:
+            lineage = model_lineage(arguments.model_uri)
+        except USER_ERRORS as error:
+            sys.stderr.write(f"atmorep lineage: error: {error}\n")
+            return 1
         output = json.dumps(lineage, indent=2) if arguments.format == "json" else format_lineage(lineage)
         sys.stdout.write(output + "\n")
         return 0
@@ -268,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         params = build_params(arguments.model, arguments)
     except ValidationError as error:
-        parser.error(str(error))
+        parser.error(format_validation_error(error))
 
     try:
         result = arguments.runner(params)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.exceptions import MlflowException
 
+from data_catalog import atmorep_home
 from tasks.tracking import client
 
 logger = logging.getLogger(__name__)
@@ -76,10 +77,16 @@ def resolve_model(uri: str) -> ResolvedModel:
         return ResolvedModel(uri=uri, run_id=version.run_id, name=name, version=str(version.version))
 
     run_uri = _RUN_URI.match(uri)
-    if run_uri:
-        return ResolvedModel(uri=uri, run_id=run_uri["run_id"])
-    if _RUN_ID.match(uri):
-        return ResolvedModel(uri=uri, run_id=uri)
+    run_id = run_uri["run_id"] if run_uri else (uri if _RUN_ID.match(uri) else None)
+    if run_id is not None:
+        try:
+            mlflow_client.get_run(run_id)
+        except MlflowException as error:
+            raise LookupError(
+                f"MLflow run {run_id} not found in {mlflow.get_tracking_uri()}: check the run id, "
+                "or set MLFLOW_TRACKING_URI to the store that holds it"
+            ) from error
+        return ResolvedModel(uri=uri, run_id=run_id)
     raise ValueError(
         f"invalid model URI {uri!r}: use models:/NAME/VERSION, models:/NAME/latest, "
         "models:/NAME@ALIAS, runs:/RUN_ID or a 32-character MLflow run id"
@@ -104,8 +111,13 @@ def _get_version(name: str, version: str):
 
 
 def download_checkpoint(run_id: str, destination: Path | None = None) -> Path:
-    """Download the training checkpoint of a run and return its local path."""
-    destination = destination or Path(tempfile.mkdtemp(prefix="atmorep-checkpoint-"))
+    """Download the training checkpoint of a run and return its local path.
+
+    The default destination is `$ATMOREP_HOME/model-cache/<run id>/`, so repeated
+    evaluations of one model reuse one folder instead of leaving copies behind.
+    """
+    destination = destination or atmorep_home() / "model-cache" / run_id
+    destination.mkdir(parents=True, exist_ok=True)
     try:
         local = client().download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(destination))
     except Exception as error:  # MLflow raises several types for a missing artifact.
