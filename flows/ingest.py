@@ -58,7 +58,8 @@ def resolve_sources(
 
 
 fetch_sources = task(resolve_sources, name="fetch-sources", retries=2, retry_delay_seconds=5)
-# Opened datasets are poor cache-key inputs, and ingest_era5 reuses a dataset by its digest anyway.
+# Prefect's default cache key would pickle the opened datasets, and ingest_era5 already
+# reuses a dataset by its digest.
 ingest_files = task(ingest_era5, name="ingest-era5", cache_policy=NONE)
 
 

@@ -64,7 +64,11 @@ class IngestEra5Params(FlowParams):
     sources: list[str] = Field(
         [f"sample:{DEMO_SAMPLE}"],
         min_length=1,
-        description="GRIB or NetCDF files or globs, or sample:NAME for a catalog sample",
+        description="GRIB or NetCDF files or globs, sample:NAME for a catalog sample, cds:REQUEST.yaml or "
+        "cds:{json} for a CDS API request (fields of tasks.sources.CdsRequest), or "
+        "zarr:URL?variables=t2m,u&levels=500,850&area=N,W,S,E&time=START,END or zarr:{json} for a selection "
+        "of a Zarr store laid out like ARCO-ERA5 or WeatherBench 2. CDS dates and the Zarr time default to "
+        "the start of train_period through the end of test_period (of train_period without a test period).",
     )
     name: str = Field(DEMO_DATASET, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="dataset name in the catalog")
     variables: list[str] | None = Field(None, description="ERA5 short names to keep (default: all)")

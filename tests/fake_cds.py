@@ -7,12 +7,12 @@ Routes, under `<url>` = `http://127.0.0.1:<port>/api`, as the client calls them:
 | GET `<url>/catalogue/v1/messages` | `{"messages": []}` (no key needed) |
 | GET `<url>/retrieve/v1/processes/<dataset>` | the process, or 404 for an unknown dataset |
 | POST `<url>/retrieve/v1/processes/<dataset>/execution` | 201 and the job, with a `monitor` link |
-| GET `<url>/retrieve/v1/jobs/<id>` | the job status: `running` for the first `polls_until_done` polls, then `successful` or `failed` |
-| GET `<url>/retrieve/v1/jobs/<id>/results` | the result asset (`href`, `file:size`, `type`), 400 for a failed job, 404 while running |
+| GET `<url>/retrieve/v1/jobs/<id>` | status `running` for `polls_until_done` polls, then `successful` or `failed` |
+| GET `<url>/retrieve/v1/jobs/<id>/results` | the asset (`href`, `file:size`, `type`), 400 if failed, 404 if running |
 | DELETE `<url>/retrieve/v1/jobs/<id>` | the job, marked `dismissed` |
 | HEAD or GET `/downloads/<id>/<file>` | the result file (no key needed, like the CDS object store) |
 
-Every route under `<url>/retrieve` requires the header `PRIVATE-TOKEN: <key>` and answers
+Every route under `<url>/retrieve` requires the header `PRIVATE-TOKEN: <key>` and returns
 401 otherwise. `files_for_request(dataset, inputs)` chooses the files of a job: one file is
 served as it is, several as a zip archive. Raising `FakeJobFailure` from it makes the job
 fail with that message.
@@ -56,7 +56,7 @@ class FakeJob:
 
 
 class FakeCds:
-    """The fake CDS API server. Use as a context manager; `url` is the API URL for `.cdsapirc`."""
+    """The fake CDS API server, used as a context manager. `url` is the API URL for `.cdsapirc`."""
 
     def __init__(
         self,

@@ -35,6 +35,7 @@ from tasks.sources import (
     parse_zarr_source,
     retrieve_cds,
 )
+from tasks.sources.remote_zarr import _longitude_indexer
 
 KEY = "fake-token-7c1d9e04b2"
 UK_TRAIN = ("2019-03-01T00:00:00", "2019-03-24T23:00:00")
@@ -479,7 +480,10 @@ def store_url(store: str, access: str, zarr_root: Path, zarr_http) -> str:
 
 
 def test_zarr_source_string_round_trip():
-    text = "zarr:https://user:secret@example.org/era5.zarr?variables=t2m,u&levels=500,850&area=58,-10,50,2&time=2019-03-01T00:00,2019-03-02T23:00"
+    text = (
+        "zarr:https://user:secret@example.org/era5.zarr?variables=t2m,u&levels=500,850&area=58,-10,50,2"
+        "&time=2019-03-01T00:00,2019-03-02T23:00"
+    )
 
     source = parse_zarr_source(text)
 
@@ -549,6 +553,25 @@ def test_zarr_levels_match_netcdf(pl_folder, zarr_root, zarr_http):
     np.testing.assert_array_equal(dataset["u"].values, expected.values.astype(np.float32))
 
 
+@pytest.mark.parametrize(
+    ("longitudes", "west", "east", "expected"),
+    [
+        (np.arange(0.0, 360.0, 90.0), -90.0, 90.0, [-90.0, 0.0, 90.0]),
+        (np.arange(-180.0, 180.0, 90.0), 170.0, -170.0, [-180.0]),
+        (np.arange(-180.0, 180.0, 10.0), 160.0, -160.0, [160.0, 170.0, 180.0, 190.0, 200.0]),
+        (np.arange(0.0, 360.0, 5.0), 355.0, 5.0, [-5.0, 0.0, 5.0]),
+        (np.arange(-180.0, 180.0, 90.0), -180.0, 180.0, [-180.0, -90.0, 0.0, 90.0]),
+        (np.arange(0.0, 360.0, 90.0), 0.0, 360.0, [0.0, 90.0, 180.0, 270.0]),
+        (np.arange(0.0, 360.0, 90.0), 90.0, 90.0, [90.0]),
+    ],
+)
+def test_longitude_selection_wraps(longitudes, west, east, expected):
+    indexer, selected = _longitude_indexer(longitudes, west, east, "test grid")
+
+    assert selected.tolist() == expected
+    assert np.mod(longitudes[indexer], 360.0).tolist() == np.mod(expected, 360.0).tolist()
+
+
 def test_zarr_reads_only_selected_chunks(zarr_root, zarr_http):
     base_url, request_paths = zarr_http
     request_paths.clear()
@@ -597,8 +620,8 @@ def test_zarr_ingest_end_to_end(zarr_http, uk_file_ingest, tmp_path):
     catalog = Catalog(tmp_path)
     time_range = (UK_TRAIN[0], UK_TEST[1])
 
-    result = ingest_era5(resolve_sources([source], time_range=time_range), "uk-zarr", UK_TRAIN, UK_TEST, catalog=catalog)
-    again = ingest_era5(resolve_sources([source], time_range=time_range), "uk-zarr", UK_TRAIN, UK_TEST, catalog=catalog)
+    result = ingest_era5(resolve_sources([source], time_range), "uk-zarr", UK_TRAIN, UK_TEST, catalog=catalog)
+    again = ingest_era5(resolve_sources([source], time_range), "uk-zarr", UK_TRAIN, UK_TEST, catalog=catalog)
 
     assert_same_dataset(result, uk_file_ingest)
     recorded = result.entry.provenance.sources[0]
