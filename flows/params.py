@@ -77,8 +77,8 @@ class IngestEra5Params(FlowParams):
     )
     test_period: tuple[str, str] | None = Field(
         DEMO_TEST_PERIOD,
-        description="first and last time step of the test period (ISO 8601); None for a dataset that is not "
-        "evaluated, such as a single time step",
+        description="first and last time step of the test period (ISO 8601); None, or 'none none' on the "
+        "command line, for a dataset that is not evaluated, such as a single time step",
     )
     time_chunk: int = Field(24, ge=1, description="time steps per Zarr chunk")
     area: tuple[float, float, float, float] | None = Field(
@@ -100,6 +100,14 @@ class IngestEra5Params(FlowParams):
     on_time_gaps: Literal["error", "keep"] = Field(
         "error", description="missing or irregular time steps: error, or keep them with their true times"
     )
+
+    @field_validator("test_period", mode="before")
+    @classmethod
+    def _parse_no_test_period(cls, value: object) -> object:
+        """Read the command-line form `--test-period none none` as None."""
+        if isinstance(value, (list, tuple)) and [str(item).lower() for item in value] == ["none", "none"]:
+            return None
+        return value
 
     @field_validator("normalisation", mode="before")
     @classmethod

@@ -53,11 +53,12 @@ class _Message:
 def inspect_grib(path: Path) -> None:
     """Check every message header of `path`.
 
-    Raises GribInspectionError when a message is truncated or corrupted, when a grid is
-    not a regular latitude-longitude grid (the error names the ecCodes `gridType`, which
-    cfgrib exposes as the `GRIB_gridType` attribute), when messages use different grids,
-    when one field appears twice with different values, or when a variable lacks some
-    combination of its time steps, forecast steps, levels and members.
+    Raises GribInspectionError when a message is truncated or corrupted, or when a grid
+    is not a regular latitude-longitude grid. The error then names the ecCodes
+    `gridType`, which cfgrib exposes as the `GRIB_gridType` attribute. It also raises
+    when messages use different grids, when one field appears twice with different
+    values, or when a variable lacks some combination of time steps, forecast steps,
+    levels and members.
     Identical repeated fields are logged and left to cfgrib, which keeps the first.
     """
     messages = _read_headers(path)
@@ -73,21 +74,22 @@ def _read_headers(path: Path) -> list[_Message]:
     messages = []
     with open(path, "rb") as stream:
         while True:
-            offset = stream.tell()
+            position = stream.tell()
             try:
                 handle = eccodes.codes_grib_new_from_file(stream, headers_only=True)
             except GribInternalError as error:
                 raise GribInspectionError(
-                    f"cannot decode GRIB file {path}: message {len(messages)} at byte {offset} is truncated or "
+                    f"cannot decode GRIB file {path}: message {len(messages)} (after byte {position}) is truncated or "
                     f"corrupted ({type(error).__name__}: {error}). Download the file again."
                 ) from error
             if handle is None:
                 return messages
             try:
+                offset = int(eccodes.codes_get(handle, "offset"))
                 grid_type = str(eccodes.codes_get(handle, "gridType"))
                 field = tuple(_get(handle, key) for key in FIELD_KEYS)
                 grid = tuple(_get(handle, key) for key in GRID_KEYS) if grid_type in SUPPORTED_GRID_TYPES else ()
-                messages.append(_Message(len(messages), int(eccodes.codes_get(handle, "offset")), field, grid_type, grid))
+                messages.append(_Message(len(messages), offset, field, grid_type, grid))
             finally:
                 eccodes.codes_release(handle)
 
@@ -147,15 +149,22 @@ def _check_duplicates(messages: list[_Message], path: Path) -> None:
 
 
 def _check_complete(messages: list[_Message], path: Path) -> None:
-    """Raise when some variable lacks a combination of its levels, times, forecast steps and members."""
+    """Raise when some variable lacks a combination of its levels and members with the file's times and steps.
+
+    Times come from the whole file, so a variable that misses a time step present for
+    other variables is reported too.
+    """
     by_variable = defaultdict(set)
     for message in messages:
         _, _, level, date, time, step, number = message.field
         by_variable[message.field[:2]].add((level, (date, time), step, number))
+    times = sorted({combination[1] for present in by_variable.values() for combination in present}, key=str)
+    steps = sorted({combination[2] for present in by_variable.values() for combination in present}, key=str)
 
     for (short_name, level_type), present in by_variable.items():
-        axes = [sorted({combination[position] for combination in present}, key=str) for position in range(4)]
-        absent = sorted(set(product(*axes)) - present, key=str)
+        levels = sorted({combination[0] for combination in present}, key=str)
+        members = sorted({combination[3] for combination in present}, key=str)
+        absent = sorted(set(product(levels, times, steps, members)) - present, key=str)
         if absent:
             examples = ", ".join(
                 f"level {level} at {date} {int(time):04d} step {step} member {number}"
@@ -163,8 +172,8 @@ def _check_complete(messages: list[_Message], path: Path) -> None:
             )
             raise GribInspectionError(
                 f"GRIB file {path} lacks {len(absent)} field(s) of variable {short_name!r} ({level_type}) that its "
-                f"other messages imply, for example {examples}. cfgrib would fill them with NaN. Add the missing "
-                "messages or split the file."
+                f"other messages imply, for example {examples}. cfgrib would fill them with NaN or fail. Add the "
+                "missing messages or split the file."
             )
 
 

@@ -26,7 +26,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import cfgrib
@@ -136,8 +136,9 @@ def ingest_era5(
     `normalisation` maps variables to "global" (one mean and std per level, the default)
     or "local" (per calendar month, level and grid point); see `tasks.normalise`.
     `on_time_gaps` is "error" (default) to reject missing or irregular time steps, or
-    "keep" to keep them with their true times; the gaps are listed in the log and in the
-    catalog entry. Ensemble members are kept as the `member` dimension.
+    "keep" to keep them with their true times. Either way the gaps are listed, in the
+    error or in the log and the catalog entry. Ensemble members are kept as the `member`
+    dimension.
 
     Returns `reused=True` without writing when the catalog already has `name` with the
     same digest and its store is complete. A failure at any step leaves no new
@@ -152,9 +153,9 @@ def ingest_era5(
         raise ValueError(f"time_chunk must be a positive number of time steps, got {time_chunk}")
     train = _parse_period(train_period, "train_period")
     test = _parse_period(test_period, "test_period")
+    _check_options(area, longitude_convention, coarsen_factor, normalisation, on_time_gaps)
 
     source_files = [_describe_source(source) for source in paths]
-    _check_options(area, longitude_convention, coarsen_factor, normalisation, on_time_gaps)
     parameters = {
         "format_version": INGEST_FORMAT_VERSION,
         "variables": sorted(variables) if variables is not None else None,
@@ -178,7 +179,8 @@ def ingest_era5(
     dataset = open_sources(paths, time_chunk)
     dataset = select_variables(dataset, variables, labels)
     where = _list_paths(labels)
-    dataset = regrid(dataset, where, area, longitude_convention, coarsen_factor).chunk(_chunks(dataset, time_chunk))
+    dataset = regrid(dataset, where, area, longitude_convention, coarsen_factor)
+    dataset = dataset.chunk(_chunks(dataset, time_chunk))
     time_step, time_gaps = check_time_gaps(dataset[TIME].values, where, on_time_gaps)
     validate_periods(dataset, train, test)
 
@@ -551,8 +553,8 @@ def _check_disjoint_times(datasets: Sequence[xr.Dataset], paths: Sequence[Path |
     """Raise when the files do not fit together into one dataset.
 
     That is when their grids differ, when a variable is missing from the files of some
-    times, or when two files give one variable at the same time (the message says whether
-    the values are identical or differ).
+    times, or when two files give one variable at the same time. In the last case the
+    message states whether the repeated values are identical or differ.
     """
     _check_same_grid(datasets, paths)
     _check_variables_cover_times(datasets, paths)
@@ -708,7 +710,7 @@ def add_masks(normalised: xr.Dataset, source: xr.Dataset, missing: dict[str, int
         mask = source[variable].isnull()
         mask.attrs = {"long_name": f"missing values of {variable}", "flag_meanings": "missing"}
         masks[mask_name] = mask
-        normalised[variable].attrs["ancillary_variables"] = mask_name
+        normalised[variable] = normalised[variable].assign_attrs(ancillary_variables=mask_name)
         logger.info("variable %s has %d missing values, kept as NaN and flagged in %s", variable, count, mask_name)
     return normalised.assign(masks)
 

@@ -5,26 +5,24 @@
   with one value per level, in the order of the dataset's `level` coordinate (a single
   value for variables without levels). A mapping without `scheme` is global too.
 - `local`: one mean and std per calendar month, level and grid point, pooled over the
-  years, days, hours and members of that month, as AtmoRep normalises its fields. In
-  memory `mean`, `std` and `count` are DataArrays with dims `(month, [level,] latitude,
+  years, days, hours and members of that month. In memory `mean`, `std` and `count` are DataArrays with dims `(month, [level,] latitude,
   longitude)`. In a Zarr store they are the arrays `<var>_mean`, `<var>_std` and
   `<var>_count` of the child group `statistics`, and the root attrs keep
   `{"scheme": "local", "months": [...], "count": [...], "group": "statistics"}`.
 
 Statistics come from the training period only, so the test period never informs its own
-normalisation. `summarise` computes them in one pass over the dask chunks: each chunk
-gives its count, mean and sum of squared deviations (M2) of the valid values, and the
-partial results are merged pairwise with the parallel formula of Chan, Golub and LeVeque
-(1979). NaN values are missing values: they count nowhere and stay NaN after
-normalising. Arithmetic runs in float64, and results keep the input's floating
-precision, with float32 as the minimum. Boolean variables (missing-value masks) pass
-through unchanged.
+normalisation. `summarise` computes them in one pass over the dask chunks. Each chunk
+gives the count, mean and sum of squared deviations (M2) of its valid values. The partial
+results are merged pairwise with Chan's parallel formula, written out in `merge_moments`.
+NaN values are missing values, so they count nowhere and stay NaN after normalising.
+Arithmetic runs in float64, and results keep the input's floating precision, with
+float32 as the minimum. Boolean variables (missing-value masks) pass through unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -79,9 +77,10 @@ def summarise(ds: xr.Dataset, train_period: tuple[str, str], schemes: Mapping[st
     whole dataset gets mean 0 and std 1 (global) or NaN (local), because its values stay
     NaN whatever the statistics.
 
-    Raises ValueError when the period selects no time step, when a variable has a zero
-    or non-finite standard deviation, or when it has valid values where the training
-    period has none (a level, a grid point in a month, or a calendar month).
+    Raises ValueError when the period selects no time step, or when a variable has a
+    zero or non-finite standard deviation. It also raises when a variable has valid
+    values where the training period has none: at a level, at a grid point in a month,
+    or in a whole calendar month.
     """
     schemes = _check_schemes(ds, schemes)
     start, end = train_period
@@ -148,6 +147,8 @@ def _block_moments(
     values at every time. Global: one key 0 with arrays [L]. Local: one key per calendar
     month with arrays [L, H, W].
     """
+    # NOTE: a local partial consists of four float64 arrays [L, H, W] per month, so a 0.25° global
+    # grid with 37 levels needs about 1.2 GB per partial, and the merge tree keeps several.
     values = block.reshape((block.shape[0], *inner_shape)).astype(np.float64)
     finite = np.isfinite(values)
     if not local:
@@ -470,7 +471,7 @@ def statistics_attrs(statistics: Statistics) -> dict[str, dict[str, Any]]:
     """Return the JSON form of `statistics` for Zarr attrs and the catalog.
 
     Global entries are copied. Local entries keep their scheme, months and per-level
-    training counts, and name the group that holds their arrays (see `statistics_dataset`).
+    training counts, and name the group that contains their arrays (see `statistics_dataset`).
     """
     document = {}
     for variable, entry in statistics.items():

@@ -1,11 +1,14 @@
 """Reference values read straight from GRIB (ecCodes) and NetCDF (h5netcdf) files, without cfgrib or xarray.
 
 The tests compare ingested, denormalised stores with these points, so a decoding,
-orientation, unit or normalisation error in the ingest shows up as a mismatch.
+orientation, unit or normalisation error in the ingest shows up as a mismatch. The
+module also derives test files from real GRIB files and checks that a failed ingest
+left nothing behind.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,8 @@ import h5netcdf
 import numpy as np
 import pandas as pd
 import xarray as xr
+
+from data_catalog import Catalog
 
 # Pressure level units (typeOfLevel in GRIB, units in NetCDF) and their factor to hPa.
 GRIB_LEVEL_TYPES_TO_HPA = {"isobaricInhPa": 1.0, "isobaricInPa": 0.01}
@@ -75,7 +80,7 @@ def _grib_field(handle: int) -> GribField:
         variable=eccodes.codes_get(handle, "cfVarName"),
         time=np.datetime64(pd.Timestamp(f"{date:08d}T{time:04d}"), "ns"),
         level=float(eccodes.codes_get(handle, "level")) * factor if factor is not None else None,
-        member=int(eccodes.codes_get(handle, "number")),
+        member=int(eccodes.codes_get(handle, "number")) if eccodes.codes_is_defined(handle, "number") else 0,
         latitudes=eccodes.codes_get_array(handle, "latitudes"),
         longitudes=eccodes.codes_get_array(handle, "longitudes"),
         values=values,
@@ -186,3 +191,40 @@ def mismatches(restored: xr.Dataset, points: list[Point], convention_west: float
         if not abs(stored - point.value) <= scales[point.variable]:
             failures.append(f"{point}: stored {stored}")
     return failures
+
+
+def write_grib_messages(source: Path, target: Path, indices: range | list[int]) -> Path:
+    """Copy the GRIB messages of `source` at `indices` (0-based, in that order, repeats allowed) into `target`."""
+    messages = []
+    with open(source, "rb") as stream:
+        while (handle := eccodes.codes_grib_new_from_file(stream)) is not None:
+            try:
+                messages.append(eccodes.codes_get_message(handle))
+            finally:
+                eccodes.codes_release(handle)
+    target.write_bytes(b"".join(messages[index] for index in indices))
+    return target
+
+
+def assert_nothing_written(home: Path, name: str) -> None:
+    """Assert that `home` has no Zarr store, temporary folder or catalog entry left by a failed ingest of `name`."""
+    data_dir = home / "data"
+    leftovers = sorted(path.name for path in data_dir.iterdir()) if data_dir.exists() else []
+    assert leftovers == [], f"files left in {data_dir}: {leftovers}"
+    assert name not in Catalog(home).names()
+
+
+def write_grib_where(
+    source: Path, target: Path, keep: Callable[[int], bool], change: Callable[[int], None] | None = None
+) -> Path:
+    """Copy the messages of `source` for which `keep(handle)` is true into `target`, after `change(handle)` if given."""
+    with open(source, "rb") as stream, open(target, "wb") as output:
+        while (handle := eccodes.codes_grib_new_from_file(stream)) is not None:
+            try:
+                if keep(handle):
+                    if change is not None:
+                        change(handle)
+                    output.write(eccodes.codes_get_message(handle))
+            finally:
+                eccodes.codes_release(handle)
+    return target

@@ -246,6 +246,23 @@ def test_rejects_dataset_without_statistics(uk_dataset, config):
         evaluate_zero_shot(RecordingModel(), config, bare)
 
 
+def test_rejects_local_statistics(uk_dataset, config):
+    local = uk_dataset.copy()
+    local.attrs = {
+        **uk_dataset.attrs,
+        "statistics": {"t2m": {"scheme": "local", "months": [3], "count": [931392], "group": "statistics"}},
+    }
+    with pytest.raises(ValueError, match="'local' scheme"):
+        evaluate_zero_shot(RecordingModel(), config, local)
+
+
+def test_rejects_dataset_without_test_period(uk_dataset, config):
+    untested = uk_dataset.copy()
+    untested.attrs = {**uk_dataset.attrs, "test_period": None}
+    with pytest.raises(ValueError, match="no 'test_period'"):
+        evaluate_zero_shot(RecordingModel(), config, untested)
+
+
 def test_untrained_atmorep_runs_all_tasks(uk_dataset, config):
     torch.manual_seed(0)
     model = AtmoRep(config.model)

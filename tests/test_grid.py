@@ -50,8 +50,8 @@ def test_convention_rolls_global_grid(members_t):
 
 
 def test_convention_round_trip(members_t):
-    there = grid.apply_longitude_convention(members_t, "-180..180")
-    back = grid.apply_longitude_convention(there, "0..360")
+    converted = grid.apply_longitude_convention(members_t, "-180..180")
+    back = grid.apply_longitude_convention(converted, "0..360")
 
     xr.testing.assert_identical(back, members_t)
 
@@ -190,7 +190,8 @@ def test_coarsen_ignores_missing_values(data_mirror):
     blocks = values[:90, :180].reshape(30, 3, 60, 3)
     all_missing = np.isnan(blocks).all(axis=(1, 3))
     some_missing = np.isnan(blocks).any(axis=(1, 3)) & ~all_missing
-    assert all_missing.any() and some_missing.any()
+    assert all_missing.any()
+    assert some_missing.any()
     np.testing.assert_array_equal(np.isnan(coarse), all_missing)
     row, column = np.argwhere(some_missing)[0]
     block = blocks[row, :, column, :].astype(np.float64)
@@ -307,7 +308,7 @@ def lambert_grib(target: Path) -> Path:
     )
 
 
-# The data mirror holds no ERA5 file on these grids, so the files come from ecCodes samples.
+# The data mirror contains no ERA5 file on these grids, so the files come from ecCodes samples.
 @pytest.mark.parametrize(
     ("make", "grid_type"),
     [

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import eccodes
 import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from pydantic import ValidationError
 
 from data_catalog import Catalog
 from data_catalog.workspace import sha256_file
+from era5_direct import assert_nothing_written, grib_points, mismatches, netcdf_points, write_grib_messages
+from flows.params import IngestEra5Params
 from tasks.ingest import InvalidPeriodError, InvalidSourceError, ingest_era5
+from tasks.normalise import denormalise, open_statistics
 
 UK_NAME = "era5-t2m-uk-2019-03"
 UK_TRAIN = ("2019-03-01T00:00:00", "2019-03-24T23:00:00")
@@ -45,28 +46,6 @@ def uk_source(uk_t2m_grib):
 def pl_files(data_mirror):
     folder = data_mirror / "era5" / "era5-pl-2020-01-01"
     return [folder / "ERA5_2020-01-01_pl_u.nc", folder / "ERA5_2020-01-01_pl_q.nc", folder / "ERA5_2020-01-01_sp.nc"]
-
-
-def write_grib_messages(source: Path, target: Path, indices: range | list[int]) -> Path:
-    """Copy the selected GRIB messages (0-based) of `source` into `target` unchanged."""
-    wanted = set(indices)
-    with open(source, "rb") as stream, open(target, "wb") as output:
-        index = 0
-        while (handle := eccodes.codes_grib_new_from_file(stream)) is not None:
-            try:
-                if index in wanted:
-                    output.write(eccodes.codes_get_message(handle))
-            finally:
-                eccodes.codes_release(handle)
-            index += 1
-    return target
-
-
-def assert_nothing_written(home: Path, name: str) -> None:
-    data_dir = home / "data"
-    leftovers = sorted(path.name for path in data_dir.iterdir()) if data_dir.exists() else []
-    assert leftovers == [], f"files left in {data_dir}: {leftovers}"
-    assert name not in Catalog(home).names()
 
 
 # --- the demo GRIB ------------------------------------------------------------------------
@@ -226,24 +205,6 @@ def test_truncated_grib_names_file(data_mirror, tmp_path):
     assert_nothing_written(tmp_path, "corrupted")
 
 
-def test_mixed_level_units_grib_names_file(data_mirror, tmp_path):
-    mixed = data_mirror / "era5" / "unusual" / "hpa_and_pa.grib"
-
-    with pytest.raises(InvalidSourceError) as raised:
-        ingest_era5([mixed], "mixed", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path))
-
-    assert str(mixed) in str(raised.value)
-
-
-def test_ensemble_members_rejected(data_mirror, tmp_path):
-    members = data_mirror / "era5" / "era5-levels-members.grib"
-
-    with pytest.raises(InvalidSourceError, match=r"unsupported dimensions \['number'\]") as raised:
-        ingest_era5([members], "members", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path))
-
-    assert str(members) in str(raised.value)
-
-
 def test_south_to_north_grib_flipped(data_mirror):
     from tasks.ingest import open_sources
 
@@ -370,3 +331,135 @@ def test_invalid_periods(pl_files, tmp_path, train, test, match):
         ingest_era5(pl_files[2:], "periods", train, test, catalog=Catalog(tmp_path))
 
     assert_nothing_written(tmp_path, "periods")
+
+
+def test_test_period_none(data_mirror, tmp_path):
+    catalog = Catalog(tmp_path)
+    path = data_mirror / "era5" / "era5_t2m_monthly_2022-10_0p25.grib"
+
+    result = ingest_era5([path], "monthly", ("2022-10-01", "2022-10-01"), None, catalog=catalog)
+    attrs = catalog.open_dataset("monthly").attrs
+
+    assert result.entry.test_period is None
+    assert result.entry.time_count == 1
+    assert attrs["test_period"] is None
+    assert catalog.get("monthly") == result.entry
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"on_time_gaps": "fill"}, "on_time_gaps 'fill'"),
+        ({"normalisation": {"sp": "regional"}}, "normalisation of 'sp' is 'regional'"),
+        ({"area": (40.0, 0.0, 50.0, 10.0)}, "south"),
+    ],
+)
+def test_invalid_options_rejected(pl_files, tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        ingest_era5(pl_files[2:], "options", PL_TRAIN, PL_TEST, catalog=Catalog(tmp_path), **options)
+
+    assert_nothing_written(tmp_path, "options")
+
+
+def test_normalisation_changes_digest(pl_files, tmp_path):
+    catalog = Catalog(tmp_path)
+
+    first = ingest_era5(pl_files[2:], "sp", PL_TRAIN, PL_TEST, catalog=catalog)
+    second = ingest_era5(pl_files[2:], "sp", PL_TRAIN, PL_TEST, catalog=catalog, normalisation={"sp": "local"})
+
+    assert second.reused is False
+    assert second.entry.digest != first.entry.digest
+    assert second.entry.statistics["sp"].scheme == "local"
+    assert second.entry.provenance.parameters["normalisation"] == {"sp": "local"}
+
+
+# --- every real ERA5 file -----------------------------------------------------------------
+
+PL_SET = [
+    f"era5-pl-2020-01-01/ERA5_2020-01-01_{name}.nc"
+    for name in ("d2m", "e", "pl_q", "pl_u", "pl_v", "sp", "tcw", "tp", "u10", "v10")
+]
+# Each file alone, or the set it belongs to, with train and test periods that fit its times.
+# Single-step files have no test period, so they are ingested for training only.
+ERA5_SETS = {
+    "uk-t2m": (["era5-2mt-2019-03-uk.grib"], UK_TRAIN, UK_TEST),
+    "pl-set": (PL_SET, PL_TRAIN, PL_TEST),
+    "members": (
+        ["era5-levels-members.grib"], ("2017-01-01T00:00", "2017-01-01T12:00"), ("2017-01-02T00:00", "2017-01-02T12:00")
+    ),
+    "global-2deg": (
+        ["era5-global-2deg-2019-01-05.nc"], ("2019-01-05T01:00", "2019-01-05T07:00"), ("2019-01-05T08:00", "2019-01-05T10:00")
+    ),
+    "monthly-0p25": (["era5_t2m_monthly_2022-10_0p25.grib"], ("2022-10-01T00:00", "2022-10-01T00:00"), None),
+    "missing-values": (
+        ["unusual/fields_with_missing_values.grib"], ("2017-10-18T00:00", "2017-10-18T00:00"), ("2017-10-18T12:00", "2017-10-18T12:00")
+    ),
+    "hpa-and-pa": (["unusual/hpa_and_pa.grib"], ("2017-09-27T00:00", "2017-09-27T00:00"), None),
+    "scanning-mode-64": (["unusual/scanning_mode_64.grib"], ("2017-10-18T12:00", "2017-10-18T12:00"), None),
+}
+# Rejected with an error instead; see tests/test_unusual.py.
+BROKEN_FILES = {"unusual/era5-levels-corrupted.grib"}
+
+
+def test_every_era5_file_listed(data_mirror):
+    folder = data_mirror / "era5"
+    found = {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file() and not path.name.endswith(".idx")}
+
+    listed = {name for files, _, _ in ERA5_SETS.values() for name in files} | BROKEN_FILES
+
+    assert found == listed
+
+
+@pytest.mark.parametrize("name", sorted(ERA5_SETS))
+def test_every_era5_file_matches_source(data_mirror, tmp_path, name):
+    files, train, test = ERA5_SETS[name]
+    paths = [data_mirror / "era5" / file for file in files]
+    catalog = Catalog(tmp_path)
+
+    result = ingest_era5(paths, name, train, test, catalog=catalog)
+    store = catalog.open_dataset(name).load()
+    restored = denormalise(store, open_statistics(result.zarr_path))
+
+    rng = np.random.default_rng(sorted(ERA5_SETS).index(name))
+    points = []
+    for path in paths:
+        points.extend(grib_points(path, rng) if path.suffix == ".grib" else netcdf_points(path, rng))
+    assert len(points) >= 40
+    failures = mismatches(restored, points)
+    assert failures == [], f"{len(failures)} of {len(points)} points differ, first: {failures[:3]}"
+    for variable, info in result.entry.variables.items():
+        if info.mask is not None:
+            np.testing.assert_array_equal(store[info.mask].values, np.isnan(store[variable].values))
+
+
+# --- flow parameters ----------------------------------------------------------------------
+
+
+def test_params_parse_command_line_forms():
+    params = IngestEra5Params(
+        train_period=("2022-10-01T00:00", "2022-10-01T00:00"),
+        test_period=["none", "none"],
+        normalisation=["t2m=local", "sp=global"],
+        area=(60, -10, 50, 2),
+    )
+
+    assert params.test_period is None
+    assert params.normalisation == {"t2m": "local", "sp": "global"}
+    assert params.area == (60.0, -10.0, 50.0, 2.0)
+    assert params.longitude_convention == "-180..180"
+    assert params.on_time_gaps == "error"
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"normalisation": ["t2m"]}, "not VARIABLE=SCHEME"),
+        ({"normalisation": {"t2m": "regional"}}, "normalisation"),
+        ({"longitude_convention": "east"}, "longitude_convention"),
+        ({"coarsen_factor": 0}, "coarsen_factor"),
+        ({"on_time_gaps": "fill"}, "on_time_gaps"),
+    ],
+)
+def test_params_reject_invalid_options(fields, match):
+    with pytest.raises(ValidationError, match=match):
+        IngestEra5Params(**fields)
