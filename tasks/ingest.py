@@ -41,13 +41,14 @@ from tqdm.auto import tqdm
 from data_catalog.catalog import Catalog, dataset_digest
 from data_catalog.schema import DatasetEntry, GridInfo, Provenance, SourceFile, VariableInfo, VariableStatistics
 from data_catalog.workspace import package_versions, sha256_file
-from tasks import grid
+from tasks import grid, writer
 from tasks.grib import SUPPORTED_GRID_TYPES, GribInspectionError, inspect_grib
 from tasks.normalise import (
     SCHEMES,
     STATISTICS_GROUP,
     Summary,
     normalise,
+    open_statistics,
     statistics_attrs,
     statistics_dataset,
     summarise,
@@ -184,18 +185,36 @@ def ingest_era5(
     time_step, time_gaps = check_time_gaps(dataset[TIME].values, where, on_time_gaps)
     validate_periods(dataset, train, test)
 
-    try:
-        summary = summarise(dataset, _iso_period(train), normalisation)
-    except GribInternalError as error:
-        raise InvalidSourceError(f"cannot decode GRIB data from {where}: {error}") from error
+    writer.discard_other_recipes(target, digest)
+    journal = writer.load_journal(target, digest)
+    if journal is None:
+        try:
+            summary = summarise(dataset, _iso_period(train), normalisation)
+        except GribInternalError as error:
+            raise InvalidSourceError(f"cannot decode GRIB data from {where}: {error}") from error
+        statistics, missing = summary.statistics, summary.missing
+        entry = _build_entry(
+            dataset, name, target, (train, test), summary, (time_step, time_gaps), source_files, parameters, digest,
+            time_chunk,
+        )
+        journal = writer.IngestJournal(
+            digest=digest, entry=entry, time_chunk=time_chunk, region_count=-(-dataset.sizes[TIME] // time_chunk)
+        )
+    else:
+        # The statistics, missing-value counts and entry of the interrupted run are kept, so
+        # the resumed store is the one an uninterrupted run writes.
+        logger.info(
+            "resuming the ingest of %s: %d of %d time regions were written before it stopped",
+            name, len(journal.completed), journal.region_count,
+        )
+        entry = journal.entry
+        statistics = open_statistics(writer.temporary_store_path(target, digest))
+        missing = {variable: info.missing_values for variable, info in entry.variables.items()}
 
-    normalised = normalise(dataset, summary.statistics).astype(np.float32)
-    normalised = add_masks(normalised, dataset, summary.missing)
-    entry = _build_entry(
-        dataset, name, target, (train, test), summary, (time_step, time_gaps), source_files, parameters, digest, time_chunk
-    )
+    normalised = normalise(dataset, statistics).astype(np.float32)
+    normalised = add_masks(normalised, dataset, missing)
     normalised.attrs = _store_attrs(entry)
-    _write_and_publish(normalised, statistics_dataset(summary.statistics), entry, catalog, target, time_chunk)
+    _write_and_publish(normalised, statistics_dataset(statistics), journal, catalog, target)
     return IngestResult(entry=entry, reused=False, zarr_path=target)
 
 
@@ -861,25 +880,31 @@ def _find_reusable_entry(catalog: Catalog, name: str, digest: str) -> DatasetEnt
 def _write_and_publish(
     dataset: xr.Dataset,
     statistics_arrays: xr.Dataset,
-    entry: DatasetEntry,
+    journal: writer.IngestJournal,
     catalog: Catalog,
     target: Path,
-    time_chunk: int,
 ) -> None:
-    """Write the store beside `target`, swap it into place, then publish the entry.
+    """Write the store into its temporary folder, swap it into place, then publish the entry.
 
-    The old entry is removed before the old store is replaced, so the catalog never
-    points at a store from a different recipe.
+    The temporary folder and the journal are named by the recipe digest (see
+    `tasks.writer`), so a run killed without cleanup is resumed by the next run of the
+    same recipe. Any exception removes both, since bad data or a bug would fail again.
+    KeyboardInterrupt and SystemExit keep them for a resume. The old entry is removed
+    before the old store is replaced, so the catalog never points at a store from a
+    different recipe. The store of the old entry is removed after the new entry is
+    published when it lies elsewhere (an appended version, see `tasks.append`).
 
     NOTE: no lock guards two concurrent ingests of the same name. A race between them can
     leave an entry whose digest differs from the store's, which Catalog.open_dataset rejects.
     """
+    entry = journal.entry
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    temporary = writer.temporary_store_path(target, journal.digest)
     previous: Path | None = None
     moved_into_place = False
+    old_store = _published_store(catalog, entry.name)
     try:
-        _write_zarr(dataset, statistics_arrays, temporary, time_chunk)
+        _write_zarr(dataset, statistics_arrays, temporary, journal, target)
 
         if target.exists():
             catalog.remove(entry.name)
@@ -887,46 +912,66 @@ def _write_and_publish(
             os.replace(target, previous)
         os.replace(temporary, target)
         moved_into_place = True
+        writer.journal_path(target, journal.digest).unlink(missing_ok=True)
         catalog.publish(entry)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+    except Exception:
+        writer.discard(target, journal.digest)
         if moved_into_place:
             shutil.rmtree(target, ignore_errors=True)
         raise
     finally:
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
+    if old_store is not None and old_store != target:
+        shutil.rmtree(old_store, ignore_errors=True)
     logger.info("wrote dataset %s to %s", entry.name, target)
 
 
-def _write_zarr(dataset: xr.Dataset, statistics_arrays: xr.Dataset, path: Path, time_chunk: int) -> None:
-    """Write Zarr format 3 in chunks of `time_chunk` steps by the whole grid, one time block at a time.
+def _published_store(catalog: Catalog, name: str) -> Path | None:
+    """Return the store path of the published entry `name`, or None when there is no valid entry."""
+    if name not in catalog:
+        return None
+    try:
+        return catalog.resolve_zarr_path(catalog.get(name))
+    except ValueError:
+        return None
 
-    The first `to_zarr` call creates the arrays and writes the coordinates. Each further
-    call computes one block of dask chunks and writes it into its time region. Local
-    statistics arrays go to the child group `statistics`, one chunk per month.
+
+def _write_zarr(
+    dataset: xr.Dataset, statistics_arrays: xr.Dataset, path: Path, journal: writer.IngestJournal, target: Path
+) -> None:
+    """Write Zarr format 3 in chunks of `time_chunk` steps by the whole grid, one time region at a time.
+
+    A new store is created first: the first `to_zarr` call creates the arrays and writes
+    the coordinates, and local statistics arrays go to the child group `statistics`, one
+    chunk per month. Then each region not yet in the journal is computed and written, and
+    the journal is saved after it.
     """
-    encoding = {
-        str(variable): {"chunks": tuple(time_chunk if dim == TIME else values.sizes[dim] for dim in values.dims)}
-        for variable, values in dataset.data_vars.items()
-    }
-    dataset.to_zarr(path, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
+    time_chunk = journal.time_chunk
+    if not journal.completed and not writer.journal_path(target, journal.digest).exists():
+        shutil.rmtree(path, ignore_errors=True)
+        encoding = {
+            str(variable): {"chunks": tuple(time_chunk if dim == TIME else values.sizes[dim] for dim in values.dims)}
+            for variable, values in dataset.data_vars.items()
+        }
+        dataset.to_zarr(path, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
+        if statistics_arrays.data_vars:
+            statistics_encoding = {
+                str(name): {"chunks": tuple(1 if dim == "month" else size for dim, size in values.sizes.items())}
+                for name, values in statistics_arrays.data_vars.items()
+            }
+            statistics_arrays.to_zarr(
+                path, group=STATISTICS_GROUP, mode="w-", zarr_format=3, consolidated=False, encoding=statistics_encoding
+            )
+        writer.save_journal(target, journal)
 
     time_count = dataset.sizes[TIME]
     data = dataset[list(dataset.data_vars)].drop_vars([MEMBER, LEVEL, LATITUDE, LONGITUDE], errors="ignore")
-    starts = range(0, time_count, time_chunk)
-    for start in tqdm(starts, desc=f"writing {path.name}", unit="block", disable=None):
-        region = slice(start, min(start + time_chunk, time_count))
+    for index in tqdm(journal.pending(), desc=f"writing {path.name}", unit="region", disable=None):
+        region = writer.region_bounds(index, time_chunk, time_count)
         data.isel({TIME: region}).to_zarr(path, region={TIME: region}, consolidated=False)
-
-    if statistics_arrays.data_vars:
-        statistics_encoding = {
-            str(name): {"chunks": tuple(1 if dim == "month" else size for dim, size in values.sizes.items())}
-            for name, values in statistics_arrays.data_vars.items()
-        }
-        statistics_arrays.to_zarr(
-            path, group=STATISTICS_GROUP, mode="w-", zarr_format=3, consolidated=False, encoding=statistics_encoding
-        )
+        journal.completed.add(index)
+        writer.save_journal(target, journal)
 
 
 # --- small helpers ------------------------------------------------------------------------
