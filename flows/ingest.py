@@ -13,6 +13,7 @@ from prefect.cache_policies import NONE
 from data_catalog import Catalog, atmorep_home, fetch_sample
 from flows.common import stage_run
 from flows.params import IngestEra5Params
+from tasks.append import append_era5
 from tasks.ingest import ingest_era5
 from tasks.sources import CDS_PREFIX, ZARR_PREFIX, open_cds, open_zarr_source, parse_cds_source, parse_zarr_source
 from tasks.tracking import log_dataset_input, log_json_artifact, log_metrics
@@ -61,6 +62,7 @@ fetch_sources = task(resolve_sources, name="fetch-sources", retries=2, retry_del
 # Prefect's default cache key would pickle the opened datasets, and ingest_era5 already
 # reuses a dataset by its digest.
 ingest_files = task(ingest_era5, name="ingest-era5", cache_policy=NONE)
+append_files = task(append_era5, name="append-era5", cache_policy=NONE)
 
 
 @flow(name="ingest", flow_run_name="era5-{params.name}")
@@ -75,20 +77,24 @@ def ingest(params: IngestEra5Params = IngestEra5Params()) -> dict:
     sources = fetch_sources(params.sources, time_range=time_range)
     logger.info("Ingesting %d source(s) as %s", len(sources), params.name)
 
-    result = ingest_files(
-        sources,
-        name=params.name,
-        train_period=params.train_period,
-        test_period=params.test_period,
-        variables=params.variables,
-        time_chunk=params.time_chunk,
-        catalog=Catalog(),
-        area=params.area,
-        longitude_convention=params.longitude_convention,
-        coarsen_factor=params.coarsen_factor,
-        normalisation=params.normalisation,
-        on_time_gaps=params.on_time_gaps,
-    )
+    if params.append:
+        result = append_files(sources, name=params.name, catalog=Catalog())
+    else:
+        result = ingest_files(
+            sources,
+            name=params.name,
+            train_period=params.train_period,
+            test_period=params.test_period,
+            variables=params.variables,
+            time_chunk=params.time_chunk,
+            catalog=Catalog(),
+            area=params.area,
+            longitude_convention=params.longitude_convention,
+            coarsen_factor=params.coarsen_factor,
+            normalisation=params.normalisation,
+            on_time_gaps=params.on_time_gaps,
+            scheduler_address=params.scheduler_address,
+        )
     entry = result.entry
     if result.reused:
         logger.info("Dataset %s with digest %s exists already: reused", entry.name, entry.digest)

@@ -100,6 +100,17 @@ class IngestEra5Params(FlowParams):
     on_time_gaps: Literal["error", "keep"] = Field(
         "error", description="missing or irregular time steps: error, or keep them with their true times"
     )
+    scheduler_address: str | None = Field(
+        None,
+        description="address of a dask.distributed scheduler (tcp://HOST:PORT) that decodes and writes GRIB "
+        "regions; default: a local process pool, one worker per core",
+    )
+    append: bool = Field(
+        False,
+        description="append the sources' time steps after the last time of the published dataset `name`, "
+        "normalised with its stored statistics; the dataset's own periods and grid options apply, and the "
+        "period and grid options given here are ignored",
+    )
 
     @field_validator("test_period", mode="before")
     @classmethod

@@ -1,0 +1,128 @@
+"""The parallel ecCodes path of `ingest_era5` (`tasks.decode`) writes the stores the cfgrib path writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from data_catalog import Catalog
+from era5_direct import assert_nothing_written, write_grib_messages
+from tasks import decode
+from tasks.ingest import ingest_era5
+
+UK_TRAIN = ("2019-03-01T00:00:00", "2019-03-24T23:00:00")
+UK_TEST = ("2019-03-25T00:00:00", "2019-03-31T23:00:00")
+
+# name: (files under era5/, train period, test period, options, whether the fast path applies)
+GRIB_CASES = {
+    "uk-t2m": (["era5-2mt-2019-03-uk.grib"], UK_TRAIN, UK_TEST, {}, True),
+    "uk-crop": (
+        ["era5-2mt-2019-03-uk.grib"], UK_TRAIN, UK_TEST,
+        {"area": (57.0, -5.0, 51.0, 1.0), "time_chunk": 48}, True,
+    ),
+    "uk-chunk-10": (["era5-2mt-2019-03-uk.grib"], UK_TRAIN, UK_TEST, {"time_chunk": 10}, True),
+    "uk-local": (["era5-2mt-2019-03-uk.grib"], UK_TRAIN, UK_TEST, {"normalisation": {"t2m": "local"}}, True),
+    "monthly-0p25": (["era5_t2m_monthly_2022-10_0p25.grib"], ("2022-10-01", "2022-10-01"), None, {}, True),
+    "scanning-mode-64": (
+        ["unusual/scanning_mode_64.grib"], ("2017-10-18T12:00", "2017-10-18T12:00"), None, {}, True
+    ),
+    "members": (
+        ["era5-levels-members.grib"], ("2017-01-01T00:00", "2017-01-01T12:00"),
+        ("2017-01-02T00:00", "2017-01-02T12:00"), {}, False,
+    ),
+    "missing-values": (
+        ["unusual/fields_with_missing_values.grib"], ("2017-10-18T00:00", "2017-10-18T00:00"),
+        ("2017-10-18T12:00", "2017-10-18T12:00"), {}, False,
+    ),
+    "uk-coarsened": (["era5-2mt-2019-03-uk.grib"], UK_TRAIN, UK_TEST, {"coarsen_factor": 2}, False),
+}
+
+
+def _without_created(attrs: dict) -> dict:
+    attrs = json.loads(json.dumps(attrs))
+    attrs["provenance"].pop("created")
+    return attrs
+
+
+def assert_same_store(first, second) -> None:
+    """Assert equal arrays, variable attrs, chunks and root attrs (creation times aside) of two stores."""
+    with xr.open_zarr(first, consolidated=False) as one, xr.open_zarr(second, consolidated=False) as other:
+        assert sorted(one.variables) == sorted(other.variables)
+        for name in one.variables:
+            np.testing.assert_array_equal(one[name].values, other[name].values, err_msg=name)
+            assert one[name].attrs == other[name].attrs, name
+            assert one[name].encoding.get("chunks") == other[name].encoding.get("chunks"), name
+        assert _without_created(one.attrs) == _without_created(other.attrs)
+    for group in ("statistics",):
+        if (first / group).is_dir():
+            with xr.open_zarr(first, group=group, consolidated=False) as one, xr.open_zarr(
+                second, group=group, consolidated=False
+            ) as other:
+                xr.testing.assert_identical(one.load(), other.load())
+
+
+@pytest.mark.parametrize("name", sorted(GRIB_CASES))
+def test_eccodes_path_matches_cfgrib(data_mirror, tmp_path, caplog, name):
+    files, train, test, options, fast = GRIB_CASES[name]
+    paths = [data_mirror / "era5" / file for file in files]
+
+    with caplog.at_level(logging.INFO, logger="tasks.decode"):
+        quick = ingest_era5(paths, name, train, test, catalog=Catalog(tmp_path / "eccodes"), grib_decoder="eccodes", **options)
+    reference = ingest_era5(paths, name, train, test, catalog=Catalog(tmp_path / "cfgrib"), grib_decoder="cfgrib", **options)
+
+    assert ("not the fast ecCodes path" in caplog.text) is not fast
+    assert quick.entry.statistics == reference.entry.statistics
+    assert_same_store(quick.zarr_path, reference.zarr_path)
+
+
+def test_eccodes_path_several_files(uk_t2m_grib, tmp_path, caplog):
+    late = write_grib_messages(uk_t2m_grib, tmp_path / "late.grib", range(300, 744))
+    early = write_grib_messages(uk_t2m_grib, tmp_path / "early.grib", range(0, 300))
+
+    with caplog.at_level(logging.INFO, logger="tasks.decode"):
+        quick = ingest_era5([late, early], "split", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path / "a"), grib_decoder="eccodes")
+    reference = ingest_era5([uk_t2m_grib], "split", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path / "b"), grib_decoder="cfgrib")
+
+    assert "not the fast ecCodes path" not in caplog.text
+    assert quick.entry.statistics == reference.entry.statistics
+    with xr.open_zarr(quick.zarr_path, consolidated=False) as one, xr.open_zarr(reference.zarr_path, consolidated=False) as other:
+        np.testing.assert_array_equal(one["t2m"].values, other["t2m"].values)
+
+
+def test_eccodes_path_on_dask_cluster(uk_t2m_grib, tmp_path):
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
+        quick = ingest_era5(
+            [uk_t2m_grib], "uk", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path / "dask"),
+            grib_decoder="eccodes", scheduler_address=cluster.scheduler_address,
+        )
+    reference = ingest_era5([uk_t2m_grib], "uk", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path / "cfgrib"), grib_decoder="cfgrib")
+
+    assert_same_store(quick.zarr_path, reference.zarr_path)
+
+
+def test_eccodes_worker_failure_leaves_nothing(uk_t2m_grib, tmp_path, monkeypatch):
+    original = decode.decode_region
+
+    def fail_in_region_five(plan, variable, start, stop):
+        if start == 5 * 24:
+            raise OSError("read error (injected)")
+        return original(plan, variable, start, stop)
+
+    # Worker processes are forked, so they inherit the patched function.
+    monkeypatch.setattr(decode, "decode_region", fail_in_region_five)
+
+    with pytest.raises(OSError, match="injected"):
+        ingest_era5([uk_t2m_grib], "uk", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path), grib_decoder="eccodes")
+
+    assert_nothing_written(tmp_path, "uk")
+
+
+def test_unknown_grib_decoder_rejected(uk_t2m_grib, tmp_path):
+    with pytest.raises(ValueError, match="grib_decoder 'fast' is unknown"):
+        ingest_era5([uk_t2m_grib], "uk", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path), grib_decoder="fast")
