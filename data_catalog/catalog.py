@@ -14,7 +14,7 @@ import xarray as xr
 import yaml
 
 from data_catalog.schema import NAME_PATTERN, CatalogEntry, DatasetEntry, ImageDatasetEntry
-from data_catalog.workspace import atmorep_home, atomic_write_text
+from data_catalog.workspace import atmorep_home, atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,40 @@ def dataset_digest(source_sha256s: Iterable[str], parameters: Mapping[str, objec
     recipe = {"sources": sorted(source_sha256s), "parameters": dict(parameters)}
     encoded = json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(encoded).hexdigest()
+
+
+def content_digest(store: Path, metadata: Mapping[str, object]) -> str:
+    """Return the sha256 hex digest of a Zarr store's data and of its metadata outside the arrays.
+
+    The digest covers, in this order:
+
+    1. every file of the store except the root `zarr.json`, sorted by relative POSIX path,
+       as one line `<path>\t<sha256 of the file's bytes>\n` each. These are the chunk files
+       and the `zarr.json` of every array and child group (shape, dtype, codecs, fill value
+       and array attributes such as units);
+    2. the line `metadata\t` followed by `metadata` as JSON with sorted keys, for example
+       the statistics and the train and test periods that only the catalog entry and the
+       root attributes contain.
+
+    The root `zarr.json` is left out because its attributes contain creation times, the recipe
+    digest and this digest itself. Files are read in 1 MiB blocks, so memory stays bounded.
+    `metadata` must be JSON serialisable.
+    """
+    store = Path(store)
+    if not (store / "zarr.json").is_file():
+        raise FileNotFoundError(f"{store} is not a Zarr format 3 store: its root zarr.json is missing")
+
+    files = sorted(
+        path.relative_to(store).as_posix()
+        for path in store.rglob("*")
+        if path.is_file() and path != store / "zarr.json"
+    )
+    digest = hashlib.sha256()
+    for relative in files:
+        digest.update(f"{relative}\t{sha256_file(store / relative)}\n".encode("utf-8"))
+    encoded = json.dumps(dict(metadata), sort_keys=True, separators=(",", ":"))
+    digest.update(f"metadata\t{encoded}".encode("utf-8"))
+    return digest.hexdigest()
 
 
 class Catalog:
@@ -80,12 +114,41 @@ class Catalog:
     def __contains__(self, name: str) -> bool:
         return self.entry_path(name).is_file()
 
+    def next_version(self, name: str, content_digest: str) -> int:
+        """Return the version that an entry `name` with `content_digest` gets when it is published.
+
+        That is 1 when no entry `name` exists, the published version when the published
+        content digest is the same, and the published version plus 1 otherwise. An entry
+        that does not validate counts as missing, with a warning.
+        """
+        if name not in self:
+            return 1
+        try:
+            published = self.get(name)
+        except InvalidCatalogEntryError as error:
+            logger.warning("catalog entry %s is invalid (%s), so the new entry of %s gets version 1", name, error, name)
+            return 1
+        if published.content_digest == content_digest:
+            return published.version
+        return published.version + 1
+
     def publish(self, entry: CatalogEntry) -> Path:
-        """Write `entry` as YAML atomically, replacing an older entry of the same name."""
+        """Write `entry` as YAML atomically, replacing an older entry of the same name.
+
+        Raises ValueError when the entry has no content digest.
+        """
+        if entry.content_digest is None:
+            raise ValueError(
+                f"catalog entry {entry.name!r} has no content_digest. Compute it with content_digest() "
+                "after the store is written, then publish."
+            )
         path = self.entry_path(entry.name)
         text = yaml.dump(entry.model_dump(mode="json"), Dumper=_EntryDumper, sort_keys=False, allow_unicode=True)
         atomic_write_text(path, text)
-        logger.info("published dataset %s (digest %s) to %s", entry.name, entry.digest[:12], path)
+        logger.info(
+            "published dataset %s version %d (content digest %s, recipe digest %s) to %s",
+            entry.name, entry.version, entry.content_digest[:12], entry.digest[:12], path,
+        )
         return path
 
     def remove(self, name: str) -> bool:
@@ -102,7 +165,8 @@ class Catalog:
         """Load and validate the entry `name`: an ImageDatasetEntry when it has `kind: images`, else a DatasetEntry.
 
         Raises DatasetNotFoundError (a KeyError) listing the known names when there is no
-        entry, and InvalidCatalogEntryError naming the file when it does not validate.
+        entry, and InvalidCatalogEntryError naming the file when it does not validate or
+        has no content digest.
         """
         path = self.entry_path(name)
         try:
@@ -115,11 +179,17 @@ class Catalog:
             ) from None
 
         try:
-            return _validate_entry(yaml.safe_load(text))
+            entry = _validate_entry(yaml.safe_load(text))
         except (yaml.YAMLError, pydantic.ValidationError) as error:
             raise InvalidCatalogEntryError(
                 f"catalog entry {path} is invalid: {error}. Re-ingest the dataset or delete the file."
             ) from error
+        if entry.content_digest is None:
+            raise InvalidCatalogEntryError(
+                f"catalog entry {path} has no content_digest, so it was written by an older version of "
+                "atmorep-pipeline. Re-ingest the dataset."
+            )
+        return entry
 
     def open_dataset(self, name: str) -> xr.Dataset:
         """Open the normalised dataset `name` lazily (dask arrays) with `xr.open_zarr`.

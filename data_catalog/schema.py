@@ -35,6 +35,18 @@ def _validate_period(period: tuple[datetime, datetime]) -> tuple[datetime, datet
     return start, end
 
 
+RECIPE_DIGEST_DESCRIPTION = (
+    "sha256 of the ingest recipe (source sha256 digests and parameters). Ingest reuses or resumes a dataset by it."
+)
+CONTENT_DIGEST_DESCRIPTION = (
+    "sha256 of the stored data and statistics (`data_catalog.catalog.content_digest`). MLflow records it as the "
+    "dataset input of every run that reads the dataset. None only in the journal of an unfinished ingest, "
+    "because it is computed after the store is written."
+)
+VERSION_DESCRIPTION = (
+    "1 for a new name, plus 1 each time the name is published with a different content digest."
+)
+
 Period = Annotated[tuple[datetime, datetime], AfterValidator(_validate_period)]
 """Inclusive time range `(start, end)` in naive UTC, stored as two ISO 8601 strings."""
 
@@ -171,7 +183,9 @@ class DatasetEntry(_Strict):
     test_period: Period | None = Field(default=None, description="None for a dataset that is not evaluated.")
     statistics: dict[str, VariableStatistics]
     provenance: Provenance
-    digest: Sha256
+    digest: Sha256 = Field(description=RECIPE_DIGEST_DESCRIPTION)
+    content_digest: Sha256 | None = Field(default=None, description=CONTENT_DIGEST_DESCRIPTION)
+    version: int = Field(default=1, ge=1, description=VERSION_DESCRIPTION)
     created: datetime
 
     @model_validator(mode="after")
@@ -241,7 +255,9 @@ class ImageDatasetEntry(_Strict):
     statistics: ChannelStatistics
     skipped: list[SkippedImage] = Field(default_factory=list)
     provenance: ImageProvenance
-    digest: Sha256
+    digest: Sha256 = Field(description=RECIPE_DIGEST_DESCRIPTION)
+    content_digest: Sha256 | None = Field(default=None, description=CONTENT_DIGEST_DESCRIPTION)
+    version: int = Field(default=1, ge=1, description=VERSION_DESCRIPTION)
     created: datetime
 
     @model_validator(mode="after")

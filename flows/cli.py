@@ -189,29 +189,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     catalog = commands.add_parser("catalog", help="list or show the datasets in the catalog")
     catalog_commands = catalog.add_subparsers(dest="subcommand", required=True)
-    catalog_commands.add_parser("list", help="list every dataset: name, kind, time range and digest")
-    show = catalog_commands.add_parser("show", help="print one dataset's catalog entry as YAML")
+    catalog_commands.add_parser(
+        "list", help="list every dataset: name, kind, version, time range and content digest"
+    )
+    show = catalog_commands.add_parser(
+        "show", help="print one dataset's catalog entry as YAML, with its version and digests"
+    )
     show.add_argument("name", help="dataset name")
     catalog.set_defaults(runner=None)
     return parser
 
 
 def run_catalog_command(arguments: argparse.Namespace) -> str:
-    """Return the output of `atmorep catalog list` or `atmorep catalog show NAME`."""
+    """Return the output of `atmorep catalog list` or `atmorep catalog show NAME`.
+
+    `list` prints one line per dataset: name, kind, version, first and last time, and the
+    first 16 hex digits of the content digest. `show` prints the whole entry as YAML after
+    comment lines with the version and both full digests.
+    """
     import yaml
 
     from data_catalog import Catalog
 
     catalog = Catalog()
     if arguments.subcommand == "show":
-        return yaml.safe_dump(catalog.get(arguments.name).model_dump(mode="json"), sort_keys=False)
+        entry = catalog.get(arguments.name)
+        header = (
+            f"# dataset {entry.name} version {entry.version}\n"
+            f"# content digest (data and statistics): {entry.content_digest}\n"
+            f"# recipe digest (sources and parameters): {entry.digest}\n"
+        )
+        return header + yaml.safe_dump(entry.model_dump(mode="json"), sort_keys=False)
 
-    lines = [f"{'name':<32} {'kind':<7} {'first time':<20} {'last time':<20} digest"]
+    lines = [f"{'name':<32} {'kind':<7} {'version':>7} {'first time':<20} {'last time':<20} content digest"]
     for name in catalog.names():
         record = catalog.get(name).model_dump(mode="json")
         lines.append(
-            f"{name:<32} {record.get('kind', 'era5'):<7} {str(record.get('time_start', '-')):<20} "
-            f"{str(record.get('time_end', '-')):<20} {record['digest'][:16]}"
+            f"{name:<32} {record.get('kind', 'era5'):<7} {record['version']:>7} "
+            f"{str(record.get('time_start', '-')):<20} {str(record.get('time_end', '-')):<20} "
+            f"{record['content_digest'][:16]}"
         )
     if len(lines) == 1:
         lines.append(f"(no datasets in {catalog.root}; run `atmorep ingest era5` first)")

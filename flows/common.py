@@ -28,11 +28,13 @@ def stage_run(
     upstream_run_id: str | None = None,
     dataset: str | None = None,
     dataset_digest: str | None = None,
+    dataset_version: int | None = None,
 ) -> Iterator[StageRun]:
     """Open the MLflow run of a stage for the duration of its flow run.
 
-    The run carries the Prefect flow-run id and the lineage tags, logs `params` verbatim,
-    and ends FAILED if the block raises. The flow run gets a link artifact to it.
+    The run carries the Prefect flow-run id and the lineage tags, among them the
+    dataset's name, content digest and version. It logs `params` verbatim and ends FAILED
+    if the block raises. The flow run gets a link artifact to it.
     """
     logger = get_run_logger()
     run = start_stage_run(
@@ -42,6 +44,7 @@ def stage_run(
         upstream_run_id=upstream_run_id,
         dataset=dataset,
         dataset_digest=dataset_digest,
+        dataset_version=dataset_version,
         prefect_flow_run_id=str(flow_run.id) if flow_run.id else None,
     )
     log_params(run.run_id, params.model_dump(mode="json"), prefix="params")

@@ -54,9 +54,10 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> dict:
         params,
         upstream_run_id=params.upstream_run_id or resolved.run_id,
         dataset=entry.name,
-        dataset_digest=entry.digest,
+        dataset_digest=entry.content_digest,
+        dataset_version=entry.version,
     ) as run:
-        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.digest, context="evaluation")
+        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.content_digest, context="evaluation")
         return evaluate_and_report(
             run.run_id, model, config, dataset, params.window_stride, params.batch_size, "Zero-shot evaluation"
         )

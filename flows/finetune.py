@@ -56,10 +56,11 @@ def finetune(params: FinetuneParams = FinetuneParams()) -> dict:
         params,
         upstream_run_id=params.upstream_run_id or resolved.run_id,
         dataset=entry.name,
-        dataset_digest=entry.digest,
+        dataset_digest=entry.content_digest,
+        dataset_version=entry.version,
     ) as run:
         client().set_tag(run.run_id, TAG_INIT_RUN, resolved.run_id)
-        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.digest, context="training")
+        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.content_digest, context="training")
         trained = train_and_register(
             "finetune", config, params, run.run_id, params.registered_name, init_checkpoint=checkpoint
         )

@@ -72,14 +72,19 @@ def ingest(params: IngestImagenetParams = IngestImagenetParams()) -> dict:
     )
     entry = result.entry
     if result.reused:
-        logger.info("Dataset %s with digest %s exists already: reused", entry.name, entry.digest)
+        logger.info(
+            "Dataset %s version %d with recipe digest %s exists already: reused",
+            entry.name, entry.version, entry.digest[:12],
+        )
     if result.resumed_chunks:
         logger.info("Resumed after %d chunks written by an earlier run", result.resumed_chunks)
     for skipped in result.skipped:
         logger.warning("Skipped image %s: %s", skipped.path, skipped.error)
 
-    with stage_run("ingest", params, dataset=entry.name, dataset_digest=entry.digest) as run:
-        log_dataset_input(run.run_id, entry.name, result.zarr_path, entry.digest, context="ingest")
+    with stage_run(
+        "ingest", params, dataset=entry.name, dataset_digest=entry.content_digest, dataset_version=entry.version
+    ) as run:
+        log_dataset_input(run.run_id, entry.name, result.zarr_path, entry.content_digest, context="ingest")
         record = entry.model_dump(mode="json")
         log_json_artifact(run.run_id, record, "catalog_entry.json")
         with tempfile.TemporaryDirectory() as folder_name:

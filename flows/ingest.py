@@ -97,10 +97,15 @@ def ingest(params: IngestEra5Params = IngestEra5Params()) -> dict:
         )
     entry = result.entry
     if result.reused:
-        logger.info("Dataset %s with digest %s exists already: reused", entry.name, entry.digest)
+        logger.info(
+            "Dataset %s version %d with recipe digest %s exists already: reused",
+            entry.name, entry.version, entry.digest[:12],
+        )
 
-    with stage_run("ingest", params, dataset=entry.name, dataset_digest=entry.digest) as run:
-        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.digest, context="ingest")
+    with stage_run(
+        "ingest", params, dataset=entry.name, dataset_digest=entry.content_digest, dataset_version=entry.version
+    ) as run:
+        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.content_digest, context="ingest")
         record = entry.model_dump(mode="json")
         log_json_artifact(run.run_id, record, "catalog_entry.json")
         log_metrics(run.run_id, _statistics_metrics(record["statistics"]))

@@ -73,10 +73,15 @@ def pretrain(params: PretrainParams = PretrainParams()) -> dict:
     """
     entry = Catalog().get(params.dataset)
     config = load_preset(params.preset, {"train.dataset": params.dataset, **training_overrides(params)})
-    upstream = params.upstream_run_id or find_stage_run("ingest", entry.digest)
+    upstream = params.upstream_run_id or find_stage_run("ingest", entry.content_digest)
 
     with stage_run(
-        "pretrain", params, upstream_run_id=upstream, dataset=entry.name, dataset_digest=entry.digest
+        "pretrain",
+        params,
+        upstream_run_id=upstream,
+        dataset=entry.name,
+        dataset_digest=entry.content_digest,
+        dataset_version=entry.version,
     ) as run:
-        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.digest, context="training")
+        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.content_digest, context="training")
         return train_and_register("pretrain", config, params, run.run_id, params.register_as)

@@ -53,6 +53,7 @@ from tasks.ingest import (
     _resolve_sources,
     _source_label,
     _store_attrs,
+    finish_store,
     open_sources,
     regrid,
     select_variables,
@@ -72,8 +73,9 @@ def append_era5(sources: Sequence[str | Path | xr.Dataset], name: str, catalog: 
     after the dataset's last time, one `time_step` later unless the dataset was ingested
     with `on_time_gaps="keep"`, and they must have the dataset's variables, grid, levels
     and members. Returns the new entry, whose digest is the recipe digest of all sources,
-    old and new, with the dataset's parameters. Raises DatasetNotFoundError for an unknown
-    name, and InvalidSourceError naming the files when the new data do not fit.
+    old and new, with the dataset's parameters, and whose version is one more than the
+    old entry's. Raises DatasetNotFoundError for an unknown name, and InvalidSourceError
+    naming the files when the new data do not fit.
     """
     catalog = catalog if catalog is not None else Catalog()
     entry = catalog.get(name)
@@ -115,13 +117,13 @@ def append_era5(sources: Sequence[str | Path | xr.Dataset], name: str, catalog: 
     updated = _updated_entry(entry, dataset, source_files, new_gaps, digest, catalog, name)
     normalised.attrs = {}
 
-    final = _write_version(normalised, updated, store, catalog)
+    final, updated = _write_version(normalised, updated, store, catalog)
     catalog.publish(updated)
     if store != final:
         shutil.rmtree(store, ignore_errors=True)
     logger.info(
-        "appended %d time steps to dataset %s (now %s .. %s, digest %s)",
-        dataset.sizes[TIME], name, updated.time_start, updated.time_end, digest[:12],
+        "appended %d time steps to dataset %s (now version %d, %s .. %s, content digest %s)",
+        dataset.sizes[TIME], name, updated.version, updated.time_start, updated.time_end, updated.content_digest[:12],
     )
     return IngestResult(entry=updated, reused=False, zarr_path=final)
 
@@ -220,6 +222,7 @@ def _updated_entry(
             *((pd.Timestamp(before).to_pydatetime(), pd.Timestamp(after).to_pydatetime()) for before, after in new_gaps),
         ],
         digest=digest,
+        content_digest=None,
     )
     document["provenance"]["sources"] = [*document["provenance"]["sources"], *(source.model_dump() for source in source_files)]
     if entry.time_count == 1:
@@ -227,8 +230,13 @@ def _updated_entry(
     return DatasetEntry.model_validate(document)
 
 
-def _write_version(normalised: xr.Dataset, entry: DatasetEntry, store: Path, catalog: Catalog) -> Path:
-    """Write the store of the appended version and return its path; the catalog is not touched."""
+def _write_version(
+    normalised: xr.Dataset, entry: DatasetEntry, store: Path, catalog: Catalog
+) -> tuple[Path, DatasetEntry]:
+    """Write the store of the appended version without touching the catalog.
+
+    Returns its path and `entry` with the content digest and version of the new store.
+    """
     final = Path(entry.zarr_path)
     staging = final.with_name(f".{final.name}{_STAGING_INFIX}{os.getpid()}")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -238,13 +246,14 @@ def _write_version(normalised: xr.Dataset, entry: DatasetEntry, store: Path, cat
         data.to_zarr(staging, append_dim=TIME, consolidated=False)
         group = zarr.open_group(staging, mode="r+")
         group.attrs.put(_store_attrs(entry))
+        entry = finish_store(staging, entry, catalog)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
     except Exception:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return final
+    return final, entry
 
 
 def _remove_leftovers(catalog: Catalog, name: str, keep: Path) -> None:

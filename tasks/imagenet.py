@@ -20,7 +20,7 @@ The Zarr store (format 3) contains:
 - `label`: int64 `[image]`, the class index
 - `file`: string `[image]`, the source path relative to the source folder
 - attributes: the class table, per-channel statistics in 0-255 units, the resize policy,
-  the skipped images, provenance and the recipe digest
+  the skipped images, provenance, the recipe digest, the content digest and the version
 
 Ingest is resumable. Chunks are written into a work folder named after the recipe digest,
 and each finished chunk is recorded in a small JSON file there. A run that finds the work
@@ -53,7 +53,7 @@ import zarr
 from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
 
-from data_catalog.catalog import Catalog, dataset_digest
+from data_catalog.catalog import Catalog, content_digest, dataset_digest
 from data_catalog.schema import (
     ChannelStatistics,
     ImageClass,
@@ -496,7 +496,7 @@ def ingest_imagenet(
         records = _write_chunks(listing, work, records, size, crop_fraction, chunk_images, executor)
 
     entry = _build_entry(listing, name, target, records, size, chunk_images, parameters, digest_of_files, digest)
-    _finish_store(work / _WORK_STORE, listing, entry)
+    entry = _finish_store(work / _WORK_STORE, listing, entry, catalog)
     _move_into_place(work, target, entry, catalog)
     return ImageIngestResult(
         entry=entry, reused=False, zarr_path=target, skipped=list(entry.skipped), resumed_chunks=resumed_chunks
@@ -702,8 +702,12 @@ def _build_entry(
     )
 
 
-def _finish_store(path: Path, listing: ImageListing, entry: ImageDatasetEntry) -> None:
-    """Trim `images` to the decoded count, write `label` and `file`, then the attributes."""
+def _finish_store(path: Path, listing: ImageListing, entry: ImageDatasetEntry, catalog: Catalog) -> ImageDatasetEntry:
+    """Trim `images` to the decoded count, write `label` and `file`, then the attributes.
+
+    Returns `entry` with the content digest of the finished store and the version that
+    `Catalog.next_version` gives it.
+    """
     skipped_paths = {item.path for item in entry.skipped}
     stored_images = [image for image in listing.images if image.relative_path not in skipped_paths]
     group = zarr.open_group(path, mode="r+")
@@ -733,6 +737,20 @@ def _finish_store(path: Path, listing: ImageListing, entry: ImageDatasetEntry) -
         "provenance": document["provenance"],
         "digest": entry.digest,
     })
+
+    digest = content_digest(path, image_content_metadata(entry))
+    version = catalog.next_version(entry.name, digest)
+    group.attrs.update({"content_digest": digest, "version": version})
+    return ImageDatasetEntry.model_validate({**entry.model_dump(), "content_digest": digest, "version": version})
+
+
+def image_content_metadata(entry: ImageDatasetEntry) -> dict[str, object]:
+    """Return what the content digest covers besides the store's arrays: channel statistics and class table.
+
+    Both live only in the entry and the root attributes, and `label` means nothing without the class table.
+    """
+    document = entry.model_dump(mode="json")
+    return {"statistics": document["statistics"], "classes": document["classes"]}
 
 
 def _find_reusable_entry(catalog: Catalog, name: str, digest: str) -> ImageDatasetEntry | None:

@@ -40,12 +40,13 @@ import dask.array  # noqa: F401 - imported with the module (about 0.5 s) rather 
 import numpy as np
 import pandas as pd
 import xarray as xr
+import zarr
 from cfgrib.dataset import DatasetBuildError
 from gribapi.errors import GribInternalError
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
-from data_catalog.catalog import Catalog, dataset_digest
+from data_catalog.catalog import Catalog, content_digest, dataset_digest
 from data_catalog.schema import DatasetEntry, GridInfo, Provenance, SourceFile, VariableInfo, VariableStatistics
 from data_catalog.workspace import package_versions, sha256_file
 from tasks import decode, grid, writer
@@ -247,8 +248,8 @@ def ingest_era5(
     fast = None
     if plan is not None:
         fast = (decode.PassContext(plan=plan, mode="write", statistics=statistics), scheduler_address)
-    _write_and_publish(normalised, statistics_dataset(statistics), journal, catalog, target, fast)
-    return IngestResult(entry=entry, reused=False, zarr_path=target)
+    published = _write_and_publish(normalised, statistics_dataset(statistics), journal, catalog, target, fast)
+    return IngestResult(entry=published, reused=False, zarr_path=target)
 
 
 def _plan_fast_path(
@@ -881,20 +882,52 @@ def _build_entry(
 
 
 def _store_attrs(entry: DatasetEntry) -> dict[str, object]:
-    """Return the Zarr attributes (statistics, periods, time gaps, provenance, digest, name) as JSON values."""
+    """Return the Zarr root attributes as JSON values.
+
+    They are the name, statistics, periods, time gaps, provenance, recipe digest, content
+    digest and version. The content digest is None until the store is written.
+    """
     document = entry.model_dump(mode="json")
     return {
         "name": entry.name,
+        **content_metadata(entry),
+        "time_gaps": document["time_gaps"],
+        "provenance": document["provenance"],
+        "digest": entry.digest,
+        "content_digest": entry.content_digest,
+        "version": entry.version,
+    }
+
+
+def content_metadata(entry: DatasetEntry) -> dict[str, object]:
+    """Return what the content digest covers besides the store's arrays: statistics and periods, as JSON values.
+
+    Global statistics live only in the entry and the root attributes, so they are hashed
+    from here. Local statistics arrays are hashed as files of the store as well.
+    """
+    document = entry.model_dump(mode="json")
+    return {
         "statistics": {
             variable: statistics.model_dump(mode="json", exclude_none=True)
             for variable, statistics in entry.statistics.items()
         },
         "train_period": document["train_period"],
         "test_period": document["test_period"],
-        "time_gaps": document["time_gaps"],
-        "provenance": document["provenance"],
-        "digest": entry.digest,
     }
+
+
+def finish_store(store: Path, entry: DatasetEntry, catalog: Catalog) -> DatasetEntry:
+    """Compute the content digest of the written `store`, pick the version, and add both to its attributes.
+
+    Returns `entry` with `content_digest` and `version` set. Call it before the entry is
+    published, and before an older entry of the same name is removed, because the version
+    is taken from that entry (`Catalog.next_version`).
+    """
+    digest = content_digest(store, content_metadata(entry))
+    version = catalog.next_version(entry.name, digest)
+    finished = DatasetEntry.model_validate({**entry.model_dump(), "content_digest": digest, "version": version})
+    zarr.open_group(store, mode="r+").attrs.update({"content_digest": digest, "version": version})
+    return finished
 
 
 def _find_reusable_entry(catalog: Catalog, name: str, digest: str) -> DatasetEntry | None:
@@ -938,8 +971,11 @@ def _write_and_publish(
     catalog: Catalog,
     target: Path,
     fast: tuple[decode.PassContext, str | None] | None = None,
-) -> None:
-    """Write the store into its temporary folder, swap it into place, then publish the entry.
+) -> DatasetEntry:
+    """Write the store into its temporary folder, swap it into place, then publish and return the entry.
+
+    The published entry is the journal's entry with the content digest and the version
+    that `finish_store` adds once the store is written.
 
     The temporary folder and the journal are named by the recipe digest (see
     `tasks.writer`), so a run killed without cleanup is resumed by the next run of the
@@ -960,6 +996,7 @@ def _write_and_publish(
     old_store = _published_store(catalog, entry.name)
     try:
         _write_zarr(dataset, statistics_arrays, temporary, journal, target, fast)
+        entry = finish_store(temporary, entry, catalog)
 
         if target.exists():
             catalog.remove(entry.name)
@@ -979,7 +1016,8 @@ def _write_and_publish(
             shutil.rmtree(previous, ignore_errors=True)
     if old_store is not None and old_store != target:
         shutil.rmtree(old_store, ignore_errors=True)
-    logger.info("wrote dataset %s to %s", entry.name, target)
+    logger.info("wrote dataset %s version %d to %s", entry.name, entry.version, target)
+    return entry
 
 
 def _published_store(catalog: Catalog, name: str) -> Path | None:

@@ -17,6 +17,7 @@ from tasks.registry import resolve_model
 from tasks.tracking import (
     TAG_DATASET,
     TAG_DATASET_DIGEST,
+    TAG_DATASET_VERSION,
     TAG_GIT_COMMIT,
     TAG_GIT_DIRTY,
     TAG_INIT_RUN,
@@ -41,6 +42,7 @@ def run_lineage(run_id: str, depth: int = 0) -> dict[str, Any]:
         "started": datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc).isoformat(),
         "dataset": tags.get(TAG_DATASET),
         "dataset_digest": tags.get(TAG_DATASET_DIGEST),
+        "dataset_version": tags.get(TAG_DATASET_VERSION),
         "git_commit": tags.get(TAG_GIT_COMMIT),
         "git_dirty": tags.get(TAG_GIT_DIRTY),
         "prefect_flow_run_id": tags.get(TAG_PREFECT_FLOW_RUN),
@@ -95,7 +97,8 @@ def format_lineage(lineage: dict[str, Any]) -> str:
         detail_indent = indent + "    "
         lines.append(f"{detail_indent}git commit: {commit}")
         if node["dataset"]:
-            lines.append(f"{detail_indent}dataset: {node['dataset']}  digest {node['dataset_digest']}")
+            version = f"  version {node['dataset_version']}" if node["dataset_version"] else ""
+            lines.append(f"{detail_indent}dataset: {node['dataset']}{version}  digest {node['dataset_digest']}")
         if node["prefect_flow_run_id"]:
             lines.append(f"{detail_indent}prefect flow run: {node['prefect_flow_run_id']}")
         if node["init_run_id"]:

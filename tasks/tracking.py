@@ -36,12 +36,13 @@ TAG_STAGE = "atmorep.stage"
 TAG_UPSTREAM = "atmorep.upstream_run_id"
 TAG_DATASET = "atmorep.dataset"
 TAG_DATASET_DIGEST = "atmorep.dataset_digest"
+TAG_DATASET_VERSION = "atmorep.dataset_version"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_GIT_DIRTY = "atmorep.git_dirty"
 TAG_PREFECT_FLOW_RUN = "atmorep.prefect_flow_run_id"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_INIT_RUN = "atmorep.init_run_id"
-LINEAGE_TAGS = (TAG_STAGE, TAG_UPSTREAM, TAG_DATASET, TAG_DATASET_DIGEST, TAG_GIT_COMMIT)
+LINEAGE_TAGS = (TAG_STAGE, TAG_UPSTREAM, TAG_DATASET, TAG_DATASET_DIGEST, TAG_DATASET_VERSION, TAG_GIT_COMMIT)
 
 TRACKED_PACKAGES = (
     "atmorep-pipeline", "torch", "mlflow", "prefect", "xarray", "zarr", "dask",
@@ -126,12 +127,14 @@ def start_stage_run(
     upstream_run_id: str | None = None,
     dataset: str | None = None,
     dataset_digest: str | None = None,
+    dataset_version: int | None = None,
     prefect_flow_run_id: str | None = None,
     params: dict[str, Any] | None = None,
 ) -> StageRun:
     """Create the MLflow run of one stage with its lineage tags, parameters and versions.
 
-    The run stays open (status RUNNING) until `end_stage_run`.
+    `dataset_digest` is the content digest of the catalog entry, and `dataset_version`
+    its version. The run stays open (status RUNNING) until `end_stage_run`.
     """
     experiment_id = ensure_experiment(experiment)
     commit, dirty = code_version()
@@ -140,6 +143,7 @@ def start_stage_run(
         TAG_UPSTREAM: upstream_run_id,
         TAG_DATASET: dataset,
         TAG_DATASET_DIGEST: dataset_digest,
+        TAG_DATASET_VERSION: None if dataset_version is None else str(dataset_version),
         TAG_GIT_COMMIT: commit,
         TAG_GIT_DIRTY: None if dirty is None else str(dirty).lower(),
         TAG_PREFECT_FLOW_RUN: prefect_flow_run_id,
@@ -196,10 +200,12 @@ def log_json_artifact(run_id: str, payload: Any, file_name: str, artifact_path: 
 
 
 def log_dataset_input(run_id: str, name: str, zarr_path: Path, digest: str, context: str) -> None:
-    """Record the dataset a run read, by name, location and digest (`mlflow.log_input`).
+    """Record the dataset a run read, by name, location and content digest (`mlflow.log_input`).
 
-    MLflow has no Zarr dataset type, so the dataset is a metadata-only `MetaDataset`
-    whose digest is the catalog's recipe digest.
+    `digest` is the catalog entry's content digest. MLflow has no Zarr dataset type, so
+    the dataset is a metadata-only `MetaDataset`. Its digest field accepts at most 36
+    characters (`MAX_DATASET_DIGEST_SIZE` in MLflow 3.17), so it gets the first 36 hex
+    digits, and the full digest is in the run's `atmorep.dataset_digest` tag.
     """
     with warnings.catch_warnings():
         # Two registered local sources both accept a path; MLflow picks the local one.
@@ -219,7 +225,10 @@ def get_run_tags(run_id: str) -> dict[str, str]:
 
 
 def find_stage_run(stage: str, dataset_digest: str) -> str | None:
-    """Return the id of the newest finished run of `stage` on the dataset with this digest."""
+    """Return the id of the newest finished run of `stage` on the dataset with this content digest.
+
+    It matches the full digest in the `atmorep.dataset_digest` tag that `start_stage_run` sets.
+    """
     runs = client().search_runs(
         experiment_ids=[experiment.experiment_id for experiment in client().search_experiments()],
         filter_string=(

@@ -51,6 +51,9 @@ def test_append_matches_single_ingest(split_grib, uk_t2m_grib, tmp_path):
     assert entry.statistics == initial.entry.statistics == whole.entry.statistics
     assert [source.path for source in entry.provenance.sources] == [str(first), str(rest)]
     assert entry.digest not in (initial.entry.digest, whole.entry.digest)
+    assert initial.entry.version == 1
+    assert entry.version == 2
+    assert entry.content_digest != initial.entry.content_digest
     assert appended.zarr_path == catalog.data_dir / VERSIONS_FOLDER / NAME / f"{entry.digest[:16]}.zarr"
     assert not initial.zarr_path.exists()
     assert len(chunks_before) == FIRST_STEPS // 24
@@ -68,6 +71,8 @@ def test_append_matches_single_ingest(split_grib, uk_t2m_grib, tmp_path):
             assert store[name].attrs == reference[name].attrs, name
         assert store.attrs["statistics"] == reference.attrs["statistics"]
         assert store.attrs["digest"] == entry.digest
+        assert store.attrs["content_digest"] == entry.content_digest
+        assert store.attrs["version"] == 2
         assert len(store.attrs["provenance"]["sources"]) == 2
 
 

@@ -11,11 +11,12 @@ import pytest
 import xarray as xr
 
 from data_catalog import Catalog, atmorep_home
-from data_catalog.catalog import DatasetNotFoundError, InvalidCatalogEntryError, dataset_digest
+from data_catalog.catalog import DatasetNotFoundError, InvalidCatalogEntryError, content_digest, dataset_digest
 from data_catalog.schema import DatasetEntry, SampleEntry
 from data_catalog.workspace import atomic_write_text, sha256_file
 
 DIGEST = "ab" * 32
+CONTENT_DIGEST = "9f" * 32
 
 
 def make_entry(name: str = "demo", digest: str = DIGEST, **changes) -> DatasetEntry:
@@ -48,6 +49,8 @@ def make_entry(name: str = "demo", digest: str = DIGEST, **changes) -> DatasetEn
             "created": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
         },
         "digest": digest,
+        "content_digest": CONTENT_DIGEST,
+        "version": 1,
         "created": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
     }
     fields.update(changes)
@@ -258,3 +261,66 @@ def test_sha256_file_known_value(tmp_path):
     path.write_bytes(b"abc")
 
     assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_content_digest_covers_chunks_not_root_attrs(tmp_path):
+    first, second = tmp_path / "first.zarr", tmp_path / "second.zarr"
+    write_store(first, digest="00" * 32)
+    write_store(second, digest="11" * 32)
+    metadata = {"statistics": {"t2m": {"mean": [280.5], "std": [2.25]}}}
+
+    assert content_digest(first, metadata) == content_digest(second, metadata)
+
+    with xr.open_zarr(second, consolidated=False) as opened:
+        changed = opened.load()
+    changed["t2m"][0, 0, 0] = 1.0
+    changed.to_zarr(second, mode="w", zarr_format=3, consolidated=False)
+    assert content_digest(first, metadata) != content_digest(second, metadata)
+
+
+def test_content_digest_covers_metadata(tmp_path):
+    store = tmp_path / "store.zarr"
+    write_store(store, digest=DIGEST)
+
+    base = content_digest(store, {"train_period": ["2019-03-01T00:00:00", "2019-03-24T23:00:00"]})
+    moved = content_digest(store, {"train_period": ["2019-03-01T00:00:00", "2019-03-23T23:00:00"]})
+
+    assert moved != base
+    assert content_digest(store, {"train_period": ["2019-03-01T00:00:00", "2019-03-24T23:00:00"]}) == base
+
+
+def test_content_digest_missing_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.zarr"):
+        content_digest(tmp_path / "missing.zarr", {})
+
+
+@pytest.mark.parametrize(
+    ("published", "new_digest", "expected"),
+    [
+        (None, "9f" * 32, 1),
+        (("9f" * 32, 3), "9f" * 32, 3),
+        (("9f" * 32, 3), "01" * 32, 4),
+    ],
+)
+def test_next_version(tmp_path, published, new_digest, expected):
+    catalog = Catalog(tmp_path)
+    if published is not None:
+        digest, version = published
+        catalog.publish(make_entry(content_digest=digest, version=version))
+
+    assert catalog.next_version("demo", new_digest) == expected
+
+
+def test_publish_rejects_entry_without_content_digest(tmp_path):
+    with pytest.raises(ValueError, match="content_digest"):
+        Catalog(tmp_path).publish(make_entry(content_digest=None))
+
+
+def test_get_rejects_entry_without_content_digest(tmp_path):
+    catalog = Catalog(tmp_path)
+    path = catalog.publish(make_entry())
+    text = path.read_text(encoding="utf-8").replace(f"content_digest: {CONTENT_DIGEST}\n", "")
+    path.write_text(text, encoding="utf-8")
+
+    with pytest.raises(InvalidCatalogEntryError, match="no content_digest"):
+        catalog.get("demo")

@@ -97,19 +97,29 @@ def test_catalog_list_and_show(tmp_path, uk_t2m_grib, monkeypatch):
 
     monkeypatch.setenv("ATMOREP_HOME", str(tmp_path))
     env = dict(os.environ)
-    ingest_era5(
+    entry = ingest_era5(
         [uk_t2m_grib], name="uk-t2m",
         train_period=("2019-03-01T00:00", "2019-03-24T23:00"),
         test_period=("2019-03-25T00:00", "2019-03-31T23:00"),
-    )
+    ).entry
 
     listed = subprocess.run([ATMOREP, "catalog", "list"], env=env, capture_output=True, text=True, timeout=60)
     shown = subprocess.run([ATMOREP, "catalog", "show", "uk-t2m"], env=env, capture_output=True, text=True, timeout=60)
     missing = subprocess.run([ATMOREP, "catalog", "show", "nope"], env=env, capture_output=True, text=True, timeout=60)
 
-    assert "uk-t2m" in listed.stdout
-    assert "2019-03-31T23:00:00" in listed.stdout
-    assert "digest: " in shown.stdout
+    header, row = listed.stdout.splitlines()
+    assert header.split()[:3] == ["name", "kind", "version"]
+    assert "content digest" in header
+    assert row.split() == [
+        "uk-t2m", "era5", "1", "2019-03-01T00:00:00", "2019-03-31T23:00:00", entry.content_digest[:16],
+    ]
+    assert "# dataset uk-t2m version 1\n" in shown.stdout
+    assert f"content_digest: {entry.content_digest}\n" in shown.stdout
+    assert f"digest: {entry.digest}\n" in shown.stdout
+    assert f"# recipe digest (sources and parameters): {entry.digest}\n" in shown.stdout
+    assert "version: 1\n" in shown.stdout
+    assert "train_period:" in shown.stdout
+    assert "test_period:" in shown.stdout
     assert "sha256: e5e82609" in shown.stdout
     assert missing.returncode == 1
     assert "uk-t2m" in missing.stderr

@@ -183,6 +183,8 @@ def test_sample_catalog_entry(sample_ingest, label_rows):
     assert entry.provenance.labels_file is not None
     assert entry.provenance.packages["pillow"] != "not installed"
     assert group.attrs["digest"] == entry.digest
+    assert group.attrs["content_digest"] == entry.content_digest
+    assert group.attrs["version"] == entry.version == 1
     dataset = catalog.open_dataset(SAMPLE_NAME)
     assert dict(dataset.sizes) == {"image": 1000, "y": 224, "x": 224, "channel": 3}
 
@@ -382,6 +384,7 @@ def test_resume_after_failure_equals_uninterrupted(tmp_path, sample_folder, labe
     assert resumed.resumed_chunks == 2
     assert calls == [16, 24, 32]
     assert resumed.entry.digest == uninterrupted.entry.digest
+    assert resumed.entry.content_digest == uninterrupted.entry.content_digest
     assert resumed.entry.statistics == uninterrupted.entry.statistics
     assert resumed.skipped == uninterrupted.skipped
     assert len(resumed.skipped) == 1
@@ -402,6 +405,8 @@ def test_new_settings_replace_store(tmp_path, sample_folder, label_rows):
 
     assert second.reused is False
     assert second.entry.digest != first.entry.digest
+    assert second.entry.content_digest != first.entry.content_digest
+    assert (first.entry.version, second.entry.version) == (1, 2)
     assert catalog.get("subset").image_size == 48
     assert zarr.open_group(second.zarr_path, mode="r")["images"].shape == (4, 48, 48, 3)
     assert sorted(path.name for path in catalog.data_dir.iterdir()) == ["subset.zarr"]
@@ -458,8 +463,10 @@ def test_cli_ingests_and_tracks(tmp_path, sample_folder, label_rows):
     run = client.search_runs([client.get_experiment_by_name("atmorep").experiment_id])[0]
     assert run.data.metrics["images"] == 12
     assert run.data.metrics["skipped"] == 0
-    assert run.data.tags["atmorep.dataset_digest"] == entry.digest
+    assert run.data.tags["atmorep.dataset_digest"] == entry.content_digest
+    assert run.data.tags["atmorep.dataset_version"] == "1"
     assert run.inputs.dataset_inputs[0].dataset.name == "cli-set"
+    assert run.inputs.dataset_inputs[0].dataset.digest == entry.content_digest[:36]
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"catalog_entry.json", "plots"} <= artifacts
     assert [item.path for item in client.list_artifacts(run.info.run_id, "plots")] == ["plots/images.png"]

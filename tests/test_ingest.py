@@ -119,6 +119,8 @@ def test_uk_entry_and_attrs(uk_ingest, uk_t2m_grib):
     assert attrs["train_period"] == list(UK_TRAIN)
     assert attrs["test_period"] == list(UK_TEST)
     assert attrs["digest"] == entry.digest
+    assert attrs["content_digest"] == entry.content_digest
+    assert attrs["version"] == entry.version == 1
     assert attrs["name"] == UK_NAME
     source = attrs["provenance"]["sources"][0]
     assert source["path"] == str(uk_t2m_grib.resolve())
@@ -139,6 +141,7 @@ def test_uk_rerun_reuses_store(uk_ingest, uk_t2m_grib):
 
     assert again.reused is True
     assert again.entry == first.entry
+    assert again.entry.version == 1
     assert (store_metadata.stat().st_mtime_ns, entry_file.stat().st_mtime_ns) == before
 
 
@@ -159,9 +162,51 @@ def test_new_recipe_replaces_dataset(uk_t2m_grib, tmp_path):
 
     assert second.reused is False
     assert second.entry.digest != first.entry.digest
+    assert second.entry.content_digest != first.entry.content_digest
+    assert (first.entry.version, second.entry.version) == (1, 2)
     assert catalog.get(UK_NAME).digest == second.entry.digest
     assert catalog.open_dataset(UK_NAME)["t2m"].chunks[0][0] == 48
     assert sorted(path.name for path in (tmp_path / "data").iterdir()) == [f"{UK_NAME}.zarr"]
+
+
+def test_content_digest_same_in_two_homes(uk_ingest, uk_t2m_grib, tmp_path):
+    _, first = uk_ingest
+
+    second = ingest_era5([uk_t2m_grib], UK_NAME, UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path))
+
+    assert second.reused is False
+    assert second.entry.created != first.entry.created
+    assert second.entry.content_digest == first.entry.content_digest
+    assert second.entry.digest == first.entry.digest
+
+
+def test_content_digest_changes_with_one_value(uk_t2m_grib, tmp_path):
+    with xr.open_dataset(uk_t2m_grib, engine="cfgrib", backend_kwargs={"indexpath": ""}) as decoded:
+        source = decoded[["t2m"]].load()
+    original, changed = tmp_path / "original.nc", tmp_path / "changed.nc"
+    source.to_netcdf(original, engine="h5netcdf")
+    source["t2m"][-1, 0, 0] = source["t2m"][-1, 0, 0] + 1.0
+    source.to_netcdf(changed, engine="h5netcdf")
+
+    first = ingest_era5([original], UK_NAME, UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path / "original"))
+    second = ingest_era5([changed], UK_NAME, UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path / "changed"))
+
+    # The change lies in the test period, so the statistics are equal and only a chunk differs.
+    assert second.entry.statistics == first.entry.statistics
+    assert second.entry.content_digest != first.entry.content_digest
+
+
+def test_recipe_change_without_content_change_keeps_version(uk_t2m_grib, tmp_path):
+    catalog = Catalog(tmp_path)
+    first = ingest_era5([uk_t2m_grib], UK_NAME, UK_TRAIN, UK_TEST, catalog=catalog)
+
+    # The data have no time gaps, so the gap policy changes the recipe but not the store.
+    second = ingest_era5([uk_t2m_grib], UK_NAME, UK_TRAIN, UK_TEST, on_time_gaps="keep", catalog=catalog)
+
+    assert second.reused is False
+    assert second.entry.digest != first.entry.digest
+    assert second.entry.content_digest == first.entry.content_digest
+    assert second.entry.version == first.entry.version == 1
 
 
 def test_write_failure_leaves_nothing(uk_t2m_grib, tmp_path, monkeypatch):

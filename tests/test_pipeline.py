@@ -91,6 +91,22 @@ def test_pipeline_parent_and_child_runs(mlflow_client):
         assert runs[stage].info.status == "FINISHED", stage
 
 
+def test_pipeline_records_content_digest(pipeline_home, mlflow_client):
+    from data_catalog import Catalog
+
+    home, _, _ = pipeline_home
+    runs = _runs_by_stage(mlflow_client)
+    dataset_name = runs["pretrain"].data.tags["atmorep.dataset"]
+    entry = Catalog(home).get(dataset_name)
+
+    for stage in ("ingest", "pretrain", "evaluate", "finetune"):
+        tags = runs[stage].data.tags
+        assert tags["atmorep.dataset_digest"] == entry.content_digest, stage
+        assert tags["atmorep.dataset_version"] == str(entry.version), stage
+        inputs = runs[stage].inputs.dataset_inputs
+        assert [item.dataset.digest for item in inputs] == [entry.content_digest[:36]], stage
+
+
 def test_pipeline_upstream_chain(mlflow_client):
     runs = _runs_by_stage(mlflow_client)
 
