@@ -59,8 +59,9 @@ def _option_kwargs(annotation: Any) -> dict[str, Any]:
     if origin is list:
         return {"nargs": "+", "type": arguments[0]}
     if origin is dict:
-        # The parameter model parses NAME=VALUE strings into the mapping.
-        return {"nargs": "+", "type": str, "metavar": "NAME=VALUE"}
+        # One NAME=VALUE per use of the option, so that positional arguments may follow it.
+        # The parameter model parses the list of strings into the mapping.
+        return {"action": "append", "type": str, "metavar": "NAME=VALUE"}
     if origin is tuple:
         metavar = ("START", "END") if len(arguments) == 2 else None
         return {"nargs": len(arguments), "type": arguments[0], "metavar": metavar}

@@ -62,7 +62,7 @@ def apply_longitude_convention(
             raise InvalidGridError(
                 f"longitudes of {where} ({longitude[0]:g} to {longitude[-1]:g} degrees) cross {abs(west_edge):g}°, "
                 f"the seam of the longitude convention {convention}, so the region would be split. "
-                f"Use longitude_convention={other!r}."
+                f"Use longitude_convention={other!r} (`--longitude-convention {other}` on the command line)."
             )
 
     if not np.array_equal(order, np.arange(order.size)):

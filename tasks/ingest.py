@@ -588,7 +588,7 @@ def check_time_gaps(
     if on_time_gaps == "error":
         raise InvalidSourceError(
             f"time axis of {where} is not regular: the step is {pd.Timedelta(step)}, but {len(gaps)} interval(s) "
-            f"differ: {listing}. Add the missing time steps, or pass on_time_gaps='keep' to keep the true times "
+            f"differ: {listing}. Add the missing time steps, or pass on_time_gaps='keep' (`--on-time-gaps keep`) to keep the true times "
             "(training windows then skip the gaps)."
         )
     logger.warning(

@@ -123,3 +123,13 @@ def test_catalog_list_and_show(tmp_path, uk_t2m_grib, monkeypatch):
     assert "sha256: e5e82609" in shown.stdout
     assert missing.returncode == 1
     assert "uk-t2m" in missing.stderr
+
+
+def test_mapping_option_before_sources():
+    arguments = build_parser().parse_args(
+        ["ingest", "era5", "--normalisation", "t2m=local", "--normalisation", "u=global", "f.grib"]
+    )
+    params = build_params(arguments.model, arguments)
+
+    assert params.normalisation == {"t2m": "local", "u": "global"}
+    assert params.sources == ["f.grib"]
