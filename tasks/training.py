@@ -55,7 +55,7 @@ def launch_training(
 
     `config` is a `models.config.RunConfig` dumped to JSON-compatible types. Rank 0 logs
     metrics to `mlflow_run_id`. The training log goes to `output_dir/train.log` and to
-    `run_logger`. A folder that already holds `checkpoint.pt` resumes from it.
+    `run_logger`. Training resumes from `checkpoint.pt` when `output_dir` already contains one.
     """
     run_logger = run_logger or logger
     output_dir.mkdir(parents=True, exist_ok=True)
