@@ -82,6 +82,20 @@ DIMENSION_ALIASES = {
     "lat": LATITUDE,
     "lon": LONGITUDE,
 }
+# CF standard names used as variable names for ERA5 pressure-level fields, and the ERA5
+# short name of each (ECMWF parameter database).
+CF_PRESSURE_LEVEL_NAMES = {
+    "air_temperature": "t",
+    "eastward_wind": "u",
+    "northward_wind": "v",
+    "lagrangian_tendency_of_air_pressure": "w",
+    "specific_humidity": "q",
+    "relative_humidity": "r",
+    "geopotential": "z",
+    "divergence_of_wind": "d",
+    "atmosphere_relative_vorticity": "vo",
+    "mass_fraction_of_ozone_in_air": "o3",
+}
 KEPT_VARIABLE_ATTRS = ("units", "long_name", "standard_name")
 # Level units that mean hPa, and the factor that converts other pressure units to hPa.
 HPA_UNITS = frozenset({"hPa", "hpa", "millibars", "millibar", "mbar", "mb"})
@@ -406,6 +420,7 @@ def canonicalise(dataset: xr.Dataset, path: Path) -> xr.Dataset:
     dataset = _canonical_time(dataset, path)
     dataset = _canonical_level(dataset, path)
     dataset = dataset.rename({old: new for old, new in DIMENSION_ALIASES.items() if old in dataset.variables})
+    dataset = _era5_short_names(dataset, path)
 
     auxiliary = [name for name in dataset.coords if name not in dataset.dims]
     dataset = dataset.drop_vars(auxiliary)
@@ -430,6 +445,26 @@ def canonicalise(dataset: xr.Dataset, path: Path) -> xr.Dataset:
     # Dataset.map would copy the source attrs back (or drop all attrs), so build the dataset directly.
     dataset = xr.Dataset({name: _canonical_variable(values, path) for name, values in dataset.data_vars.items()})
     return dataset.drop_encoding()
+
+
+def _era5_short_names(dataset: xr.Dataset, path: Path | str) -> xr.Dataset:
+    """Rename pressure-level variables named by their CF standard name to ERA5 short names.
+
+    Some NetCDF writers (pycontrails, for example) name ERA5 fields `air_temperature`,
+    `eastward_wind` and so on. Only variables with a `level` dimension are renamed, because
+    a CF name such as `air_temperature` also fits surface fields (t2m, skt), and a name
+    is kept when its short name exists already.
+    """
+    if LEVEL not in dataset.dims:
+        return dataset
+    renames = {
+        name: short
+        for name, short in CF_PRESSURE_LEVEL_NAMES.items()
+        if name in dataset.data_vars and LEVEL in dataset[name].dims and short not in dataset.variables
+    }
+    if renames:
+        logger.info("renaming CF standard names in %s to ERA5 short names: %s", path, renames)
+    return dataset.rename(renames)
 
 
 def _check_regular_grid(dataset: xr.Dataset, path: Path | str) -> None:

@@ -110,8 +110,23 @@ def message_count(path: Path) -> int:
         return eccodes.codes_count_in_file(stream)
 
 
+# The ERA5 short names that ingest must give pressure-level variables named by CF standard names.
+EXPECTED_SHORT_NAMES = {
+    "air_temperature": "t",
+    "eastward_wind": "u",
+    "northward_wind": "v",
+    "lagrangian_tendency_of_air_pressure": "w",
+    "specific_humidity": "q",
+    "geopotential": "z",
+}
+
+
 def netcdf_points(path: Path, rng: np.random.Generator, per_variable: int = 60) -> list[Point]:
-    """Sample points of every gridded variable of `path`, unpacking scale_factor, add_offset and _FillValue by hand."""
+    """Sample points of every gridded variable of `path`, unpacking scale_factor, add_offset and _FillValue by hand.
+
+    Pressure-level variables named by a CF standard name are reported under the ERA5
+    short name that ingest stores them as.
+    """
     points = []
     with h5netcdf.File(path, "r") as file:
         coordinates = {
@@ -129,9 +144,10 @@ def netcdf_points(path: Path, rng: np.random.Generator, per_variable: int = 60) 
             values = _unpack(variable)
             for flat in rng.choice(values.size, size=min(per_variable, values.size), replace=False):
                 index = dict(zip(variable.dimensions, np.unravel_index(flat, values.shape), strict=True))
+                stored_name = EXPECTED_SHORT_NAMES.get(name, name) if "level" in index else name
                 points.append(
                     Point(
-                        variable=name,
+                        variable=stored_name,
                         time=coordinates["time"][index["time"]],
                         level=float(coordinates["level"][index["level"]]) if "level" in index else None,
                         member=0,

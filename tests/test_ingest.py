@@ -508,3 +508,14 @@ def test_params_parse_command_line_forms():
 def test_params_reject_invalid_options(fields, match):
     with pytest.raises(ValidationError, match=match):
         IngestEra5Params(**fields)
+
+
+def test_cf_standard_names_become_short_names(data_mirror):
+    from tasks.ingest import open_sources
+
+    dataset = open_sources([data_mirror / "era5" / "era5-global-2deg-2019-01-05.nc"])
+
+    assert {"t", "u", "v", "w", "q", "z"} <= set(dataset.data_vars)
+    assert "air_temperature" not in dataset.data_vars
+    assert "eastward_wind" not in dataset.data_vars
+    assert dataset["t"].attrs["units"] == "K"
