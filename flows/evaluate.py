@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import xarray as xr
 from prefect import flow, get_run_logger, task
@@ -15,7 +14,6 @@ from models.checkpoint import load_model
 from tasks.evaluate import evaluate_zero_shot
 from tasks.registry import download_checkpoint, resolve_model
 from tasks.reporting import log_evaluation
-from tasks.tracking import log_dataset_input
 
 fetch_checkpoint = task(download_checkpoint, name="download-checkpoint", retries=2, retry_delay_seconds=5)
 score = task(evaluate_zero_shot, name="evaluate-zero-shot")
@@ -49,15 +47,8 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> dict:
     entry = catalog.get(params.dataset or config.train.dataset)
     dataset = catalog.open_dataset(entry.name)
 
-    with stage_run(
-        "evaluate",
-        params,
-        upstream_run_id=params.upstream_run_id or resolved.run_id,
-        dataset=entry.name,
-        dataset_digest=entry.content_digest,
-        dataset_version=entry.version,
-    ) as run:
-        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.content_digest, context="evaluation")
+    upstream = params.upstream_run_id or resolved.run_id
+    with stage_run("evaluate", params, upstream_run_id=upstream, entry=entry, dataset_context="evaluation") as run:
         return evaluate_and_report(
             run.run_id, model, config, dataset, params.window_stride, params.batch_size, "Zero-shot evaluation"
         )

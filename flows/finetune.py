@@ -14,7 +14,7 @@ from flows.pretrain import train_and_register, training_overrides
 from models.checkpoint import load_model
 from models.config import RunConfig
 from tasks.registry import resolve_model
-from tasks.tracking import TAG_INIT_RUN, client, log_dataset_input
+from tasks.tracking import TAG_INIT_RUN, client
 
 # Masking used during fine-tuning: only the target task, so every step trains for it.
 TASK_MASKING = {
@@ -51,16 +51,9 @@ def finetune(params: FinetuneParams = FinetuneParams()) -> dict:
     catalog = Catalog()
     entry = catalog.get(config.train.dataset)
 
-    with stage_run(
-        "finetune",
-        params,
-        upstream_run_id=params.upstream_run_id or resolved.run_id,
-        dataset=entry.name,
-        dataset_digest=entry.content_digest,
-        dataset_version=entry.version,
-    ) as run:
+    upstream = params.upstream_run_id or resolved.run_id
+    with stage_run("finetune", params, upstream_run_id=upstream, entry=entry) as run:
         client().set_tag(run.run_id, TAG_INIT_RUN, resolved.run_id)
-        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.content_digest, context="training")
         trained = train_and_register(
             "finetune", config, params, run.run_id, params.registered_name, init_checkpoint=checkpoint
         )

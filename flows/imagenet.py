@@ -13,7 +13,7 @@ from data_catalog.workspace import DATA_MIRROR_ENV
 from flows.common import stage_run
 from flows.params import IngestImagenetParams
 from tasks.imagenet import ingest_imagenet, save_image_grid
-from tasks.tracking import client, log_dataset_input, log_json_artifact, log_metrics
+from tasks.tracking import client, log_json_artifact, log_metrics
 
 SAMPLE_PREFIX = "sample:"
 # Image samples are folders, which data_catalog/samples.yaml cannot list (it hashes single
@@ -81,10 +81,7 @@ def ingest(params: IngestImagenetParams = IngestImagenetParams()) -> dict:
     for skipped in result.skipped:
         logger.warning("Skipped image %s: %s", skipped.path, skipped.error)
 
-    with stage_run(
-        "ingest", params, dataset=entry.name, dataset_digest=entry.content_digest, dataset_version=entry.version
-    ) as run:
-        log_dataset_input(run.run_id, entry.name, result.zarr_path, entry.content_digest, context="ingest")
+    with stage_run("ingest", params, entry=entry, dataset_context="ingest") as run:
         record = entry.model_dump(mode="json")
         log_json_artifact(run.run_id, record, "catalog_entry.json")
         with tempfile.TemporaryDirectory() as folder_name:

@@ -16,7 +16,7 @@ from flows.params import IngestEra5Params
 from tasks.append import append_era5
 from tasks.ingest import ingest_era5
 from tasks.sources import CDS_PREFIX, ZARR_PREFIX, open_cds, open_zarr_source, parse_cds_source, parse_zarr_source
-from tasks.tracking import log_dataset_input, log_json_artifact, log_metrics
+from tasks.tracking import log_json_artifact, log_metrics
 
 SAMPLE_PREFIX = "sample:"
 CDS_DOWNLOAD_DIR = Path("downloads") / "cds"
@@ -102,10 +102,7 @@ def ingest(params: IngestEra5Params = IngestEra5Params()) -> dict:
             entry.name, entry.version, entry.digest[:12],
         )
 
-    with stage_run(
-        "ingest", params, dataset=entry.name, dataset_digest=entry.content_digest, dataset_version=entry.version
-    ) as run:
-        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.content_digest, context="ingest")
+    with stage_run("ingest", params, entry=entry, dataset_context="ingest") as run:
         record = entry.model_dump(mode="json")
         log_json_artifact(run.run_id, record, "catalog_entry.json")
         log_metrics(run.run_id, _statistics_metrics(record["statistics"]))

@@ -11,7 +11,7 @@ from flows.common import stage_run
 from flows.params import PretrainParams, TrainingParams
 from models.config import RunConfig, load_preset
 from tasks.registry import log_and_register_model
-from tasks.tracking import find_stage_run, log_dataset_input, log_metrics, log_params, tracking_uri
+from tasks.tracking import find_stage_run, log_metrics, log_params, tracking_uri
 from tasks.training import launch_training
 
 train = task(launch_training, name="torchrun-train")
@@ -75,13 +75,5 @@ def pretrain(params: PretrainParams = PretrainParams()) -> dict:
     config = load_preset(params.preset, {"train.dataset": params.dataset, **training_overrides(params)})
     upstream = params.upstream_run_id or find_stage_run("ingest", entry.content_digest)
 
-    with stage_run(
-        "pretrain",
-        params,
-        upstream_run_id=upstream,
-        dataset=entry.name,
-        dataset_digest=entry.content_digest,
-        dataset_version=entry.version,
-    ) as run:
-        log_dataset_input(run.run_id, entry.name, Path(entry.zarr_path), entry.content_digest, context="training")
+    with stage_run("pretrain", params, upstream_run_id=upstream, entry=entry) as run:
         return train_and_register("pretrain", config, params, run.run_id, params.register_as)

@@ -41,7 +41,6 @@ from tasks.ingest import (
     LATITUDE,
     LEVEL,
     LONGITUDE,
-    MASK_SUFFIX,
     MEMBER,
     TIME,
     IngestResult,

@@ -1120,7 +1120,7 @@ def _write_zarr(
 # --- small helpers ------------------------------------------------------------------------
 
 
-# Attribute of an opened dataset source that holds its provenance record: a mapping with
+# Attribute of an opened dataset source that contains its provenance record: a mapping with
 # the SourceFile fields path (where the data came from), sha256 and size in bytes.
 SOURCE_RECORD_ATTR = "atmorep_source"
 

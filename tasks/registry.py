@@ -64,7 +64,7 @@ def log_and_register_model(run_id: str, checkpoint_path: Path, registered_name: 
 
 def resolve_model(uri: str) -> ResolvedModel:
     """Resolve `models:/NAME/VERSION`, `models:/NAME/latest`, `models:/NAME@ALIAS`,
-    `runs:/RUN_ID/...` or a bare run id to the run that holds the checkpoint."""
+    `runs:/RUN_ID/...` or a bare run id to the run that contains the checkpoint."""
     mlflow_client = client()
 
     registered = _REGISTERED_URI.match(uri)
@@ -76,8 +76,12 @@ def resolve_model(uri: str) -> ResolvedModel:
             version = _get_version(name, registered["version"])
         return ResolvedModel(uri=uri, run_id=version.run_id, name=name, version=str(version.version))
 
+    run_id = None
     run_uri = _RUN_URI.match(uri)
-    run_id = run_uri["run_id"] if run_uri else (uri if _RUN_ID.match(uri) else None)
+    if run_uri:
+        run_id = run_uri["run_id"]
+    elif _RUN_ID.match(uri):
+        run_id = uri
     if run_id is not None:
         try:
             mlflow_client.get_run(run_id)

@@ -125,7 +125,8 @@ def test_pretrain_deployment_completes(prefect_env):
         env,
     ).stdout
     assert "COMPLETED" in state, state
-    assert "FAILED" not in state and "CRASHED" not in state, state
+    assert "FAILED" not in state, state
+    assert "CRASHED" not in state, state
 
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("atmorep")
