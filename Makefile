@@ -22,7 +22,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 WORK_POOL ?= atmorep-process
 
-.PHONY: help venv demo test test-fast bench ui deploy worker clean
+.PHONY: help venv demo test test-fast bench ui deploy worker clean docker-check
 
 help:
 	@echo "make demo    run ingest, pretraining, zero-shot evaluation and fine-tuning on the sample"
@@ -30,7 +30,8 @@ help:
 	@echo "make ui      serve the Prefect UI on :$(PREFECT_PORT) and the MLflow UI on :$(MLFLOW_PORT)"
 	@echo "make deploy  create the work pool and the deployments on the Prefect server of make ui"
 	@echo "make worker  start a process worker for the deployments"
-	@echo "make bench   measure ingestion throughput, written to bench-results/ and BENCHMARKS.md"
+	@echo "make docker-check  validate docker/compose.yaml and lint the Dockerfiles (no Docker engine needed)"
+	@echo "make bench   measure ingestion and training throughput, written to bench-results/ and BENCHMARKS.md"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +53,7 @@ test-fast: venv
 ui: venv
 	@mkdir -p $(ATMOREP_HOME)/mlartifacts
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
-	@trap 'kill 0' EXIT INT TERM; \
+	@trap 'trap - EXIT INT TERM; kill 0' EXIT INT TERM; \
 	$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
 		--backend-store-uri sqlite:///$(ATMOREP_HOME)/mlflow.db \
 		--artifacts-destination $(ATMOREP_HOME)/mlartifacts & \
@@ -66,8 +67,12 @@ deploy: venv
 worker: venv
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect worker start --pool $(WORK_POOL)
 
+docker-check: venv
+	docker/check.sh $(BIN)/python
+
 clean:
 	rm -rf $(ATMOREP_HOME)
 
 bench: venv
 	ATMOREP_DATA_MIRROR=$${ATMOREP_DATA_MIRROR:-$(CURDIR)/../shared/data} $(BIN)/python tests/benchmarks/bench_ingest.py
+	ATMOREP_DATA_MIRROR=$${ATMOREP_DATA_MIRROR:-$(CURDIR)/../shared/data} $(BIN)/python tests/benchmarks/bench_train.py

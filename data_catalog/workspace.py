@@ -42,10 +42,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
     """Write `text` to `path` through a temporary file in the same folder and `os.replace`.
 
     Readers see either the old file or the complete new one, never a partial write.
+    `durable` False skips the fsync, which costs milliseconds per call: the write then
+    survives a killed process but perhaps not a power loss or an OS crash.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +56,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
             stream.write(text)
             stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                os.fsync(stream.fileno())
         os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:

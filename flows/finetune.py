@@ -18,8 +18,8 @@ from tasks.tracking import TAG_INIT_RUN, client
 
 # Masking used during fine-tuning: only the target task, so every step trains for it.
 TASK_MASKING = {
-    "forecast": {"bert": 0.0, "forecast": 1.0, "interpolation": 0.0, "downscaling": 0.0},
-    "downscaling": {"bert": 0.0, "forecast": 0.0, "interpolation": 0.0, "downscaling": 1.0},
+    "forecast": {"bert": 0.0, "forecast": 1.0, "interpolation": 0.0, "downscaling": 0.0, "causal": 0.0},
+    "downscaling": {"bert": 0.0, "forecast": 0.0, "interpolation": 0.0, "downscaling": 1.0, "causal": 0.0},
 }
 
 

@@ -71,7 +71,11 @@ class IngestEra5Params(FlowParams):
         "the start of train_period through the end of test_period (of train_period without a test period).",
     )
     name: str = Field(DEMO_DATASET, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="dataset name in the catalog")
-    variables: list[str] | None = Field(None, description="ERA5 short names to keep (default: all)")
+    variables: list[str] | None = Field(
+        None,
+        description="variables to keep, by name (default: every ERA5 parameter; other variables are skipped "
+        "with a warning unless named here)",
+    )
     train_period: tuple[str, str] = Field(
         DEMO_TRAIN_PERIOD, description="first and last time step of the training period (ISO 8601)"
     )
@@ -103,7 +107,7 @@ class IngestEra5Params(FlowParams):
     scheduler_address: str | None = Field(
         None,
         description="address of a dask.distributed scheduler (tcp://HOST:PORT) that decodes and writes GRIB "
-        "regions; default: a local process pool, one worker per core",
+        "regions; default: a local dask cluster on 127.0.0.1, one worker process per core, started per ingest",
     )
     append: bool = Field(
         False,
@@ -172,8 +176,55 @@ class TrainingParams(FlowParams):
     learning_rate: float | None = Field(None, gt=0, description="peak learning rate (default: the preset's)")
     seed: int | None = Field(None, ge=0, description="random seed (default: the preset's)")
     nproc_per_node: int = Field(
-        2, ge=1, description="torchrun processes: CPU cores with gloo, or GPUs with nccl"
+        2, ge=1, description="torchrun processes on this node: CPU cores with gloo, or GPUs with nccl"
     )
+    nnodes: str = Field(
+        "1",
+        pattern=r"^[1-9][0-9]*(:[1-9][0-9]*)?$",
+        description="nodes in the job, N or MIN:MAX for an elastic job; more than 1 needs rdzv_endpoint",
+    )
+    node_rank: int | None = Field(
+        None, ge=0, description="this node's rank, needed with rdzv_backend static (c10d assigns ranks)"
+    )
+    rdzv_backend: Literal["c10d", "static"] = Field(
+        "c10d", description="torchrun rendezvous backend for a multi-node job"
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9.\-]+:[0-9]{1,5}$",
+        description="HOST:PORT of the rendezvous on the first node, the same on every node "
+        "(default: a standalone single-node job)",
+    )
+    rdzv_id: str = Field(
+        "atmorep",
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="job id, the same on every node of one job and different from other jobs sharing the endpoint",
+    )
+    max_restarts: int = Field(
+        0,
+        ge=0,
+        description="times torchrun restarts all workers after one fails; they resume from the last checkpoint",
+    )
+
+    @model_validator(mode="after")
+    def _check_rendezvous(self) -> "TrainingParams":
+        max_nodes = int(self.nnodes.split(":")[-1])
+        min_nodes = int(self.nnodes.split(":")[0])
+        if min_nodes > max_nodes:
+            raise ValueError(f"nnodes {self.nnodes!r} has MIN above MAX: write MIN:MAX with MIN <= MAX")
+        if max_nodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(
+                f"nnodes {self.nnodes!r} spans several nodes, so rdzv_endpoint is required: give the HOST:PORT "
+                "of the first node, the same on every node"
+            )
+        if self.rdzv_backend == "static":
+            if ":" in self.nnodes:
+                raise ValueError(f"rdzv_backend static needs a fixed node count, got nnodes {self.nnodes!r}")
+            if self.node_rank is None and max_nodes > 1:
+                raise ValueError("rdzv_backend static needs node_rank: give each node its rank, 0 to nnodes - 1")
+        if self.node_rank is not None and self.node_rank >= max_nodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes!r}")
+        return self
 
 
 class PretrainParams(TrainingParams):

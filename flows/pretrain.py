@@ -12,7 +12,7 @@ from flows.params import PretrainParams, TrainingParams
 from models.config import RunConfig, load_preset
 from tasks.registry import log_and_register_model
 from tasks.tracking import find_stage_run, log_metrics, log_params, tracking_uri
-from tasks.training import launch_training
+from tasks.training import Rendezvous, launch_training
 
 train = task(launch_training, name="torchrun-train")
 register = task(log_and_register_model, name="register-model", retries=2, retry_delay_seconds=5)
@@ -27,6 +27,18 @@ def training_overrides(params: TrainingParams) -> dict:
         "train.seed": params.seed,
     }
     return {key: value for key, value in overrides.items() if value is not None}
+
+
+def rendezvous(params: TrainingParams) -> Rendezvous:
+    """Return the torchrun rendezvous settings given in the flow parameters."""
+    return Rendezvous(
+        nnodes=params.nnodes,
+        node_rank=params.node_rank,
+        backend=params.rdzv_backend,
+        endpoint=params.rdzv_endpoint,
+        run_id=params.rdzv_id,
+        max_restarts=params.max_restarts,
+    )
 
 
 def train_and_register(
@@ -50,6 +62,7 @@ def train_and_register(
         tracking_uri=tracking_uri(),
         init_checkpoint=init_checkpoint,
         run_logger=logger,
+        rendezvous=rendezvous(params),
     )
     log_metrics(run_id, {f"{stage}/final_loss": done["loss"], f"{stage}/steps": done["step"]})
 

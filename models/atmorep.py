@@ -1,40 +1,79 @@
-"""AtmoRep-style masked token model: a transformer encoder over space-time tokens.
+"""Multi-field AtmoRep-style masked token model with an ensemble tail.
 
-Each token (one channel, `token_shape` grid values) is embedded by a linear projection.
-Its embedding is the sum of that projection and:
+Every field (a variable at a set of levels, see `models.config.FieldConfig`) has its own
+network. A field's sample `[B, L, T, H, W]` is cut into tokens of `token_shape` grid
+values per level. Each token's embedding is the sum of:
 
-- learned position embeddings along time, latitude and longitude tokens,
-- a learned embedding of its channel (variable and level),
-- a linear projection of the time features (sin/cos of hour of day and day of year)
-  averaged over the token's time steps,
+- a linear projection of its values,
+- learned embeddings of its level and of its position along time, latitude and longitude
+  tokens,
+- a linear projection of the time features (year, day of year, hour of day; see
+  `models.data.calendar_features`) averaged over the token's time steps,
 - a learned mask embedding if the token is masked.
 
-All tokens of all channels attend to each other in a pre-norm transformer encoder, and
-a linear decoder maps every token back to its grid values.
+The encoder has `depth` blocks per field. Each block applies self-attention over the
+field's tokens, then cross-attention from the field's tokens to the tokens of its
+configured neighbours (taken at the input of the same block), then an MLP. The decoder
+has `decoder_depth` self-attention blocks per field. The ensemble tail maps every token
+to `ensemble_size` predictions of its grid values, one head per member.
+
+`AtmoRep.forward` returns the ensemble members per field, `[B, E, L, T, H, W]`; the
+prediction is their mean and the uncertainty their spread (`models.losses`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config import ModelConfig
+from models.config import FieldConfig, ModelConfig
 from models.tokens import detokenise, token_mean, tokenise
 
-TIME_FEATURES = 4
+# Columns of `models.data.calendar_features`.
+TIME_FEATURES = 5
 
 
-class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)).  x: [B, L, D]."""
+class Attention(nn.Module):
+    """Multi-head attention from queries x: [B, N, D] to a context [B, M, D] (x itself when None)."""
 
-    def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: float, dropout: float) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
-        self.attention_norm = nn.LayerNorm(embed_dim)
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
-        self.attention_out = nn.Linear(embed_dim, embed_dim)
+        self.query = nn.Linear(embed_dim, embed_dim)
+        self.key_value = nn.Linear(embed_dim, 2 * embed_dim)
+        self.out = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        batch, length, dim = x.shape
+        head_dim = dim // self.num_heads
+        query = self.query(x).reshape(batch, length, self.num_heads, head_dim).transpose(1, 2)
+        key, value = (
+            self.key_value(context).reshape(batch, context.shape[1], 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        )
+        # query: [B, heads, N, D / heads], key and value: [B, heads, M, D / heads]
+        attended = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(attended.transpose(1, 2).reshape(batch, length, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm block on x: [B, N, D]: self-attention, cross-attention to neighbours if any, MLP."""
+
+    def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: float, dropout: float, cross: bool) -> None:
+        super().__init__()
+        self.self_norm = nn.LayerNorm(embed_dim)
+        self.self_attention = Attention(embed_dim, num_heads, dropout)
+        self.cross = cross
+        if cross:
+            self.cross_norm = nn.LayerNorm(embed_dim)
+            self.context_norm = nn.LayerNorm(embed_dim)
+            self.cross_attention = Attention(embed_dim, num_heads, dropout)
         self.mlp_norm = nn.LayerNorm(embed_dim)
         hidden = int(embed_dim * mlp_ratio)
         self.mlp = nn.Sequential(
@@ -45,112 +84,161 @@ class TransformerBlock(nn.Module):
             nn.Dropout(dropout),
         )
 
-    def _attention(self, x: Tensor) -> Tensor:
-        batch, length, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, L, D / heads]
-        attended = F.scaled_dot_product_attention(
-            query, key, value, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.attention_out(attended.transpose(1, 2).reshape(batch, length, dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self._attention(self.attention_norm(x))
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        x = x + self.self_attention(self.self_norm(x))
+        if self.cross:
+            if context is None:
+                raise ValueError("this block cross-attends to neighbour fields and needs their tokens as context")
+            x = x + self.cross_attention(self.cross_norm(x), self.context_norm(context))
         return x + self.mlp(self.mlp_norm(x))
 
 
-class AtmoRep(nn.Module):
-    """Masked token model over fields `[B, C, T, H, W]` of the shape in `config`."""
+class FieldNetwork(nn.Module):
+    """Embedding, encoder blocks, decoder blocks and ensemble tail of one field."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, field: FieldConfig, config: ModelConfig) -> None:
         super().__init__()
-        self.config = config
-        self.token_shape = tuple(config.token_shape)
-        self.grid_tokens = config.grid_tokens
-        n_time, n_lat, n_lon = self.grid_tokens
+        self.field = field
+        self.token_shape = tuple(field.token_shape)
+        self.ensemble_size = config.ensemble_size
+        n_time, n_lat, n_lon = field.num_tokens
         token_size = self.token_shape[0] * self.token_shape[1] * self.token_shape[2]
         dim = config.embed_dim
 
         self.token_embedding = nn.Linear(token_size, dim)
+        self.level_embedding = nn.Parameter(torch.zeros(field.num_levels, dim))
         self.time_position = nn.Parameter(torch.zeros(n_time, dim))
         self.latitude_position = nn.Parameter(torch.zeros(n_lat, dim))
         self.longitude_position = nn.Parameter(torch.zeros(n_lon, dim))
-        self.channel_embedding = nn.Parameter(torch.zeros(config.num_channels, dim))
         self.time_feature_embedding = nn.Linear(TIME_FEATURES, dim)
         self.mask_embedding = nn.Parameter(torch.zeros(dim))
         self.embedding_dropout = nn.Dropout(config.dropout)
 
-        self.blocks = nn.ModuleList(
-            TransformerBlock(dim, config.num_heads, config.mlp_ratio, config.dropout)
-            for _ in range(config.depth)
+        cross = bool(field.neighbours)
+        self.encoder = nn.ModuleList(
+            Block(dim, config.num_heads, config.mlp_ratio, config.dropout, cross) for _ in range(config.depth)
+        )
+        self.decoder = nn.ModuleList(
+            Block(dim, config.num_heads, config.mlp_ratio, config.dropout, cross=False)
+            for _ in range(config.decoder_depth)
         )
         self.norm = nn.LayerNorm(dim)
-        self.decoder = nn.Linear(dim, token_size)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for parameter in (
-            self.time_position,
-            self.latitude_position,
-            self.longitude_position,
-            self.channel_embedding,
-            self.mask_embedding,
-        ):
-            nn.init.trunc_normal_(parameter, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-
-    def _check_inputs(self, x: Tensor, mask: Tensor, time_features: Tensor) -> None:
-        expected = (self.config.num_channels, *self.config.sample_shape)
-        if x.dim() != 5 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
-        expected_mask = (x.shape[0], self.config.num_channels, *self.grid_tokens)
-        if tuple(mask.shape) != expected_mask or mask.dtype != torch.bool:
-            raise ValueError(
-                f"mask must be bool with shape {list(expected_mask)}, got {mask.dtype} {tuple(mask.shape)}"
-            )
-        expected_time = (x.shape[0], self.config.sample_shape[0], TIME_FEATURES)
-        if tuple(time_features.shape) != expected_time:
-            raise ValueError(
-                f"time_features must have shape {list(expected_time)}, got {tuple(time_features.shape)}"
-            )
+        # The E heads, stored as one linear layer: output e * token_size ... (e + 1) * token_size is head e.
+        self.heads = nn.Linear(dim, config.ensemble_size * token_size)
 
     def embed(self, x: Tensor, mask: Tensor, time_features: Tensor) -> Tensor:
-        """Embed the tokens of x: [B, C, T, H, W] -> [B, C, nT, nH, nW, D]."""
-        tokens = tokenise(x, self.token_shape)
-        embedded = self.token_embedding(tokens)
-
+        """Embed x: [B, L, T, H, W] with mask [B, L, nT, nH, nW] -> tokens [B, L * nT * nH * nW, D]."""
+        embedded = self.token_embedding(tokenise(x, self.token_shape))  # [B, L, nT, nH, nW, D]
         position = (
             self.time_position[:, None, None, :]
             + self.latitude_position[None, :, None, :]
             + self.longitude_position[None, None, :, :]
         )
-        channel = self.channel_embedding[:, None, None, None, :]
-        token_time = token_mean(time_features.to(embedded.dtype), self.token_shape[0])
+        level = self.level_embedding[:, None, None, None, :]
+        token_time = token_mean(time_features.to(embedded.dtype), self.token_shape[0])  # [B, nT, F]
         time = self.time_feature_embedding(token_time)[:, None, :, None, None, :]
-        embedded = embedded + position + channel + time
+        embedded = embedded + position + level + time
+        embedded = torch.where(mask[..., None], embedded + self.mask_embedding, embedded)
+        return self.embedding_dropout(embedded.flatten(1, 4))
 
-        return torch.where(mask[..., None], embedded + self.mask_embedding, embedded)
+    def decode(self, tokens: Tensor, batch: int) -> Tensor:
+        """Map encoded tokens [B, N, D] to ensemble members [B, E, L, T, H, W]."""
+        for block in self.decoder:
+            tokens = block(tokens)
+        values = self.heads(self.norm(tokens))  # [B, N, E * token_size]
+        n_levels = self.field.num_levels
+        n_time, n_lat, n_lon = self.field.num_tokens
+        values = values.reshape(batch, n_levels, n_time, n_lat, n_lon, self.ensemble_size, -1)
+        values = values.permute(0, 5, 1, 2, 3, 4, 6).reshape(
+            batch * self.ensemble_size, n_levels, n_time, n_lat, n_lon, -1
+        )
+        members = detokenise(values, self.token_shape)
+        return members.reshape(batch, self.ensemble_size, *members.shape[1:])
 
-    def forward(self, x: Tensor, mask: Tensor, time_features: Tensor) -> Tensor:
-        """Predict the whole field from a masked input.
 
-        x: [B, C, T, H, W] model input in normalised units, with masked tokens already
-        corrupted by `models.masking.corrupt`.
-        mask: [B, C, nT, nH, nW] bool, True = masked.
-        time_features: [B, T, 4], see `models.data.time_features`.
-        Returns [B, C, T, H, W] in normalised units.
+class AtmoRep(nn.Module):
+    """Multi-field masked token model; `forward` documents the input and output shapes."""
+
+    ARCHITECTURE_VERSION = 2
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.architecture_version != self.ARCHITECTURE_VERSION:
+            raise ValueError(
+                f"model.architecture_version {config.architecture_version} (one transformer over stacked "
+                "channels) can no longer be built: pretrain a new model with model.fields"
+            )
+        self.config = config
+        self.fields = nn.ModuleDict({field.name: FieldNetwork(field, config) for field in config.fields})
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for network in self.fields.values():
+            for parameter in (
+                network.level_embedding,
+                network.time_position,
+                network.latitude_position,
+                network.longitude_position,
+                network.mask_embedding,
+            ):
+                nn.init.trunc_normal_(parameter, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def blocks(self) -> list[Block]:
+        """Every encoder and decoder block of every field."""
+        return [block for network in self.fields.values() for block in (*network.encoder, *network.decoder)]
+
+    def _check_inputs(self, inputs: Mapping[str, Tensor], masks: Mapping[str, Tensor], time_features: Tensor) -> int:
+        expected_names = self.config.field_names
+        if sorted(inputs) != sorted(expected_names) or sorted(masks) != sorted(expected_names):
+            raise ValueError(
+                f"inputs and masks must contain the fields {expected_names}, got {sorted(inputs)} and {sorted(masks)}"
+            )
+        batch = next(iter(inputs.values())).shape[0]
+        for field in self.config.fields:
+            x, mask = inputs[field.name], masks[field.name]
+            expected = (batch, field.num_levels, *field.sample_shape)
+            if tuple(x.shape) != expected:
+                raise ValueError(f"field {field.name!r} must have shape {list(expected)}, got {tuple(x.shape)}")
+            expected_mask = (batch, field.num_levels, *field.num_tokens)
+            if tuple(mask.shape) != expected_mask or mask.dtype != torch.bool:
+                raise ValueError(
+                    f"mask of field {field.name!r} must be bool with shape {list(expected_mask)}, "
+                    f"got {mask.dtype} {tuple(mask.shape)}"
+                )
+        expected_time = (batch, self.config.sample_shape[0], TIME_FEATURES)
+        if tuple(time_features.shape) != expected_time:
+            raise ValueError(
+                f"time_features must have shape {list(expected_time)}, got {tuple(time_features.shape)}"
+            )
+        return batch
+
+    def forward(
+        self, inputs: Mapping[str, Tensor], masks: Mapping[str, Tensor], time_features: Tensor
+    ) -> dict[str, Tensor]:
+        """Predict every field's whole sample from masked inputs.
+
+        inputs: field name -> [B, L, T, H, W] in normalised units, with masked tokens
+        already corrupted by `models.masking`.
+        masks: field name -> [B, L, nT, nH, nW] bool, True = masked.
+        time_features: [B, T, 5], see `models.data.calendar_features`.
+        Returns field name -> ensemble members [B, E, L, T, H, W] in normalised units.
         """
-        self._check_inputs(x, mask, time_features)
-        batch = x.shape[0]
-
-        embedded = self.embed(x, mask, time_features)
-        grid_shape = embedded.shape[1:-1]
-        sequence = self.embedding_dropout(embedded.reshape(batch, -1, embedded.shape[-1]))
-        for block in self.blocks:
-            sequence = block(sequence)
-
-        tokens = self.decoder(self.norm(sequence))
-        return detokenise(tokens.reshape(batch, *grid_shape, -1), self.token_shape)
+        batch = self._check_inputs(inputs, masks, time_features)
+        states = {
+            name: network.embed(inputs[name], masks[name], time_features) for name, network in self.fields.items()
+        }
+        for layer in range(self.config.depth):
+            # Every field reads its neighbours' tokens as they enter this layer.
+            previous = states
+            states = {}
+            for field in self.config.fields:
+                context = None
+                if field.neighbours:
+                    context = torch.cat([previous[neighbour] for neighbour in field.neighbours], dim=1)
+                states[field.name] = self.fields[field.name].encoder[layer](previous[field.name], context)
+        return {name: network.decode(states[name], batch) for name, network in self.fields.items()}

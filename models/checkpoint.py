@@ -1,9 +1,11 @@
 """Training checkpoints: atomic save, safe load and configuration compatibility checks.
 
-A checkpoint is a dict with keys `model` (state_dict), `optimizer`, `scheduler`, `step`,
-`loss`, `config` (`RunConfig.model_dump(mode="json")`) and `rng` (random generator states
-as tensors, one entry per rank). It contains only tensors and plain Python containers,
-so `torch.load(weights_only=True)` reads it without unpickling arbitrary objects.
+A checkpoint is a dict with keys `model` (state_dict), `optimizer`, `scheduler`,
+`scaler` (gradient scaler state), `step`, `loss`, `config`
+(`RunConfig.model_dump(mode="json")`), `rng` (random generator states as tensors and
+ints, one entry per rank) and `loader` (the data loader's stream position, see
+`models.sampler`). It contains only tensors and plain Python containers, so
+`torch.load(weights_only=True)` reads it without unpickling arbitrary objects.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 # ModelConfig fields that may differ between a checkpoint and the model that loads it,
 # because they change no parameter shape or meaning.
-RELOADABLE_MODEL_FIELDS = frozenset({"dropout"})
+RELOADABLE_MODEL_FIELDS = frozenset({"dropout", "loss"})
 
 
 def _temporary_path(path: Path) -> Path:
@@ -70,6 +74,8 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     loss: float | None = None,
     rng: list[dict[str, Any]] | None = None,
+    scaler: dict[str, Any] | None = None,
+    loader: dict[str, int] | None = None,
 ) -> None:
     """Write a checkpoint to `path` atomically. The module docstring lists its keys."""
     checkpoint = {
@@ -80,6 +86,8 @@ def save_checkpoint(
         "loss": None if loss is None else float(loss),
         "config": config.model_dump(mode="json"),
         "rng": rng,
+        "scaler": scaler,
+        "loader": loader,
     }
     atomic_write_bytes(path, lambda handle: torch.save(checkpoint, handle))
     logger.info("saved checkpoint at step %d to %s", step, path)
@@ -93,6 +101,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def _field_mismatches(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[str]:
+    """Describe how two `model.fields` lists differ: their names, else each differing setting."""
+    saved_names = [field["name"] for field in saved]
+    current_names = [field["name"] for field in current]
+    if saved_names != current_names:
+        return [f"model.fields names: checkpoint {saved_names}, config {current_names}"]
+    return [
+        f"model.fields[{old['name']}].{key}: checkpoint {old[key]!r}, config {new[key]!r}"
+        for old, new in zip(saved, current, strict=True)
+        for key in old
+        if old[key] != new[key]
+    ]
+
+
 def check_compatible(saved: ModelConfig, current: ModelConfig, source: str | Path) -> None:
     """Raise ValueError naming every model setting that differs between `saved` and `current`.
 
@@ -103,8 +125,9 @@ def check_compatible(saved: ModelConfig, current: ModelConfig, source: str | Pat
     mismatches = [
         f"model.{name}: checkpoint {saved_fields[name]!r}, config {current_fields[name]!r}"
         for name in saved_fields
-        if name not in RELOADABLE_MODEL_FIELDS and saved_fields[name] != current_fields[name]
+        if name not in RELOADABLE_MODEL_FIELDS | {"fields"} and saved_fields[name] != current_fields[name]
     ]
+    mismatches += _field_mismatches(saved_fields["fields"], current_fields["fields"])
     if mismatches:
         raise ValueError(
             f"checkpoint {source} is incompatible with the model config ("
@@ -117,6 +140,12 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     """Rebuild the model stored in a checkpoint, in eval mode, with the run's configuration."""
     checkpoint = load_checkpoint(path, map_location)
     config = RunConfig.model_validate(checkpoint["config"])
+    if config.model.architecture_version != AtmoRep.ARCHITECTURE_VERSION:
+        raise ValueError(
+            f"checkpoint {path} contains a model with model.architecture_version "
+            f"{config.model.architecture_version} (one transformer over stacked channels, from config "
+            f"version 1), which this code cannot load: pretrain a new model"
+        )
     model = AtmoRep(config.model)
     model.load_state_dict(checkpoint["model"])
     model.to(map_location)
@@ -125,13 +154,30 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
 
 
 def capture_rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Return this process's random states as tensors: torch CPU, CUDA devices and `generator`."""
-    state: dict[str, Any] = {
+    """Return this process's random states as tensors and ints, which safe loading accepts.
+
+    Covers torch's CPU and CUDA generators, `generator`, numpy's global generator and
+    Python's `random`.
+    """
+    numpy_kind, numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    python_version, python_internal, python_gauss = random.getstate()
+    return {
         "torch": torch.get_rng_state(),
         "generator": generator.get_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": str(numpy_kind),
+            "keys": torch.from_numpy(numpy_keys.astype(np.int64)),
+            "position": int(numpy_position),
+            "has_gauss": int(numpy_has_gauss),
+            "gauss": float(numpy_gauss),
+        },
+        "python": {
+            "version": int(python_version),
+            "internal": torch.tensor(python_internal, dtype=torch.int64),
+            "gauss": python_gauss,
+        },
     }
-    return state
 
 
 def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
@@ -140,3 +186,15 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None
     generator.set_state(state["generator"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        numpy_state["kind"],
+        numpy_state["keys"].numpy().astype(np.uint32),
+        numpy_state["position"],
+        numpy_state["has_gauss"],
+        numpy_state["gauss"],
+    ))
+    python_state = state["python"]
+    random.setstate(
+        (python_state["version"], tuple(int(value) for value in python_state["internal"]), python_state["gauss"])
+    )

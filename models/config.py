@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,88 +30,211 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelConfig(_Schema):
-    """Architecture of the AtmoRep-style encoder and the shape of its samples.
+# Version of the run configuration schema. Version 1 described one transformer over all
+# channels stacked (model.variables, model.levels, model.token_shape, model.sample_shape).
+# Version 2 describes one encoder per field (model.fields) and the ensemble tail.
+CONFIG_VERSION = 2
 
-    A sample is a field `x: [C, T, H, W]` with one channel per (variable, level) pair, in
-    the order of `variables` and, within a variable, of its levels.
+class FieldConfig(_Schema):
+    """One field: a variable at a set of levels, with its own token size and token count.
+
+    The field's sample is `[L, T, H, W]` with `L = len(levels)` (1 for a single-level
+    variable) and `(T, H, W) = token_shape * num_tokens`. All fields of a model cover the
+    same time window and are centred on the same grid point.
     """
 
-    variables: list[str] = Field(default_factory=lambda: ["t2m"], min_length=1)
-    levels: dict[str, list[int]] | None = Field(
-        default=None,
-        description="Pressure levels in hPa per multi-level variable. Variables not listed "
-        "are single-level fields.",
+    name: str = Field(min_length=1, description="ERA5 short name of the variable, such as t2m or u.")
+    levels: list[int] | None = Field(
+        default=None, description="Pressure levels in hPa, or None for a single-level variable."
     )
     token_shape: tuple[int, int, int] = Field(
         default=(2, 8, 8), description="Token size as (time steps, latitude points, longitude points)."
     )
-    sample_shape: tuple[int, int, int] = Field(
-        default=(12, 32, 48),
-        description="Sample size as (time steps, latitude points, longitude points).",
+    num_tokens: tuple[int, int, int] = Field(
+        default=(6, 4, 6), description="Tokens per sample along (time, latitude, longitude)."
     )
+    neighbours: list[str] = Field(
+        default_factory=list,
+        description="Fields whose tokens this field cross-attends to in every encoder block.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> FieldConfig:
+        if self.levels is not None and (not self.levels or len(set(self.levels)) != len(self.levels)):
+            raise ValueError(
+                f"field {self.name!r}: levels must be a non-empty list of distinct levels or null, got {self.levels}"
+            )
+        if min(self.token_shape) < 1 or min(self.num_tokens) < 1:
+            raise ValueError(
+                f"field {self.name!r}: token_shape {self.token_shape} and num_tokens {self.num_tokens} "
+                "must be positive"
+            )
+        if self.name in self.neighbours or len(set(self.neighbours)) != len(self.neighbours):
+            raise ValueError(
+                f"field {self.name!r}: neighbours {self.neighbours} must be distinct and must not name the field itself"
+            )
+        return self
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Field sample size (T, H, W) in time steps and grid points."""
+        return tuple(t * n for t, n in zip(self.token_shape, self.num_tokens, strict=True))
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels) if self.levels else 1
+
+    @property
+    def channels(self) -> list[tuple[str, int | None]]:
+        """(variable, level) pairs of the field's levels in order, level None for a single-level field."""
+        if self.levels is None:
+            return [(self.name, None)]
+        return [(self.name, level) for level in self.levels]
+
+
+def _fields_from_version_1(model: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite a version-1 model section (stacked channels) as a version-2 one (fields).
+
+    Every variable becomes a field with its levels and the shared token and sample shapes.
+    The old model let every channel attend to every other, so each field lists all other
+    fields as neighbours. The old linear decoder corresponds to `decoder_depth: 0`.
+    """
+    model = dict(model)
+    variables = model.pop("variables", ["t2m"])
+    levels = model.pop("levels", None) or {}
+    token_shape = list(model.pop("token_shape", (2, 8, 8)))
+    sample_shape = list(model.pop("sample_shape", (12, 32, 48)))
+    num_tokens = [
+        sample // token if token and sample % token == 0 else sample
+        for sample, token in zip(sample_shape, token_shape, strict=True)
+    ]
+    model["fields"] = [
+        {
+            "name": variable,
+            "levels": levels.get(variable),
+            "token_shape": token_shape,
+            "num_tokens": num_tokens,
+            "neighbours": [other for other in variables if other != variable],
+        }
+        for variable in variables
+    ]
+    model.setdefault("decoder_depth", 0)
+    model["architecture_version"] = 1
+    return model
+
+
+class ModelConfig(_Schema):
+    """Architecture of the multi-field AtmoRep-style model (see `models.atmorep`).
+
+    `fields` lists the fields in order. Every field has the same time window: the same
+    number of time steps per token and of time tokens. Fields may differ in their spatial
+    token size and count, and are then centred on the same grid point.
+    """
+
+    fields: list[FieldConfig] = Field(default_factory=lambda: [FieldConfig(name="t2m")], min_length=1)
     embed_dim: int = Field(default=128, gt=0)
-    depth: int = Field(default=4, gt=0)
+    depth: int = Field(default=4, gt=0, description="Encoder blocks per field.")
+    decoder_depth: int = Field(default=1, ge=0, description="Self-attention blocks per field after the encoder.")
     num_heads: int = Field(default=4, gt=0)
     mlp_ratio: float = Field(default=4.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    ensemble_size: int = Field(
+        default=1, ge=1, description="Ensemble heads per field. The prediction is their mean, the spread their std."
+    )
+    loss: Literal["mse", "crps", "mse_stats"] = Field(
+        default="mse",
+        description="Training loss over masked tokens (see models.losses): mse of the ensemble mean, "
+        "fair crps over the members, or mse_stats (mse of the mean plus a spread term).",
+    )
+    architecture_version: Literal[1, 2] = Field(
+        default=2,
+        description="Network layout. 1 is the former single transformer over stacked channels, "
+        "which this code reads from old configs but cannot build.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_version_1(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "fields" not in data and {"variables", "token_shape", "sample_shape"} & set(data):
+            migrated = _fields_from_version_1(data)
+            logger.warning(
+                "model config uses the version-1 keys variables/levels/token_shape/sample_shape: "
+                "read as model.fields %s with architecture_version 1",
+                [field["name"] for field in migrated["fields"]],
+            )
+            return migrated
+        return data
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> ModelConfig:
-        if len(set(self.variables)) != len(self.variables):
-            raise ValueError(f"model.variables contains duplicates: {self.variables}")
-        for variable, levels in (self.levels or {}).items():
-            if variable not in self.variables:
+    def _check_fields(self) -> ModelConfig:
+        names = [field.name for field in self.fields]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model.fields contains duplicate names: {names}")
+        for field in self.fields:
+            unknown = sorted(set(field.neighbours) - set(names))
+            if unknown:
                 raise ValueError(
-                    f"model.levels names variable {variable!r}, which is not in "
-                    f"model.variables {self.variables}: add it there or remove its levels"
+                    f"field {field.name!r} names neighbours {unknown} that are not in model.fields {names}"
                 )
-            if not levels or len(set(levels)) != len(levels):
+        first = self.fields[0]
+        for field in self.fields[1:]:
+            if field.token_shape[0] != first.token_shape[0] or field.num_tokens[0] != first.num_tokens[0]:
                 raise ValueError(
-                    f"model.levels[{variable!r}] must be a non-empty list of distinct levels, "
-                    f"got {levels}"
-                )
-        if min(self.token_shape) < 1:
-            raise ValueError(f"model.token_shape must be positive, got {self.token_shape}")
-        for axis, sample, token in zip(
-            ("time", "latitude", "longitude"), self.sample_shape, self.token_shape, strict=True
-        ):
-            if sample < token or sample % token != 0:
-                raise ValueError(
-                    f"model.sample_shape {self.sample_shape} is not a multiple of "
-                    f"model.token_shape {self.token_shape} along {axis}: {sample} % {token} != 0"
+                    f"field {field.name!r} has {field.num_tokens[0]} time tokens of {field.token_shape[0]} steps, "
+                    f"but field {first.name!r} has {first.num_tokens[0]} of {first.token_shape[0]}: all fields "
+                    "must share the time tokens"
                 )
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(
                 f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads {self.num_heads}"
             )
+        if self.loss != "mse" and self.ensemble_size < 2:
+            raise ValueError(
+                f"model.loss {self.loss!r} scores an ensemble and needs model.ensemble_size >= 2, "
+                f"got {self.ensemble_size}: raise the ensemble size or use loss 'mse'"
+            )
         return self
+
+    def field(self, name: str) -> FieldConfig:
+        for field in self.fields:
+            if field.name == name:
+                return field
+        raise KeyError(f"field {name!r} not found in model.fields {[field.name for field in self.fields]}")
+
+    @property
+    def field_names(self) -> list[str]:
+        return [field.name for field in self.fields]
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Region (T, H, W) that contains every field's sample: the largest extent per axis."""
+        shapes = [field.sample_shape for field in self.fields]
+        return tuple(max(shape[axis] for shape in shapes) for axis in range(3))
+
+    @property
+    def token_steps(self) -> int:
+        """Time steps per token, shared by all fields."""
+        return self.fields[0].token_shape[0]
+
+    @property
+    def time_tokens(self) -> int:
+        """Time tokens per sample, shared by all fields."""
+        return self.fields[0].num_tokens[0]
 
     @property
     def channels(self) -> list[tuple[str, int | None]]:
-        """Channel (variable, level) pairs in order, with level None for single-level fields."""
-        levels = self.levels or {}
-        result: list[tuple[str, int | None]] = []
-        for variable in self.variables:
-            if variable in levels:
-                result.extend((variable, level) for level in levels[variable])
-            else:
-                result.append((variable, None))
-        return result
+        """(variable, level) pairs of all fields in order, level None for single-level fields."""
+        return [channel for field in self.fields for channel in field.channels]
 
     @property
     def channel_names(self) -> list[str]:
-        """Channel labels such as `t2m` or `t_850`, in channel order."""
+        """Channel labels such as `t2m` or `u_850`, in channel order."""
         return [variable if level is None else f"{variable}_{level}" for variable, level in self.channels]
 
     @property
-    def num_channels(self) -> int:
-        return len(self.channels)
-
-    @property
-    def grid_tokens(self) -> tuple[int, int, int]:
-        """Number of tokens (nT, nH, nW) along time, latitude and longitude in one sample."""
-        return tuple(s // t for s, t in zip(self.sample_shape, self.token_shape, strict=True))
+    def levels(self) -> dict[str, list[int]]:
+        """Levels per multi-level field."""
+        return {field.name: list(field.levels) for field in self.fields if field.levels is not None}
 
 
 class StrategyWeights(_Schema):
@@ -121,10 +244,11 @@ class StrategyWeights(_Schema):
     forecast: float = Field(default=0.25, ge=0)
     interpolation: float = Field(default=0.25, ge=0)
     downscaling: float = Field(default=0.0, ge=0)
+    causal: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _check_total(self) -> StrategyWeights:
-        if self.bert + self.forecast + self.interpolation + self.downscaling <= 0:
+        if self.bert + self.forecast + self.interpolation + self.downscaling + self.causal <= 0:
             raise ValueError("masking.weights are all zero: give at least one strategy a positive weight")
         return self
 
@@ -184,23 +308,62 @@ class TrainConfig(_Schema):
     spatial_stride: int = Field(
         default=1, ge=1, description="Random crop offsets are multiples of this many grid points."
     )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="fp32, or autocast to bf16 or fp16 for matrix products. fp16 scales the loss "
+        "with a gradient scaler; bf16 needs none.",
+    )
+    activation_checkpointing: bool = Field(
+        default=False, description="Recompute the transformer blocks' activations in backward to save memory."
+    )
+    compile: bool = Field(default=False, description="Compile the model with torch.compile.")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank (0 loads in the training process).")
+    collective_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds a collective (all-reduce, barrier) may wait for the other ranks before the process group raises.",
+    )
 
 
 class RunConfig(_Schema):
+    """A whole run: model, masking and training settings, with the schema `version`.
+
+    A configuration without `version` is read as version 1 when its model section uses the
+    version-1 keys and as the current version otherwise. Version 1 is migrated (see
+    `ModelConfig`), with a logged warning. A version newer than CONFIG_VERSION is rejected.
+    """
+
+    version: int = Field(default=CONFIG_VERSION, description="Schema version of this configuration.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     masking: MaskingConfig = Field(default_factory=MaskingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        version = data.get("version", 1 if "fields" not in (data.get("model") or {}) and data.get("model") else CONFIG_VERSION)
+        if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+            raise ValueError(
+                f"config version {version!r} is not supported: this code reads versions 1 to {CONFIG_VERSION}; "
+                "update the atmorep-pipeline code or write the config for the current version"
+            )
+        if version < CONFIG_VERSION:
+            logger.warning("migrating run config from version %d to %d", version, CONFIG_VERSION)
+        return {**data, "version": CONFIG_VERSION}
+
     @model_validator(mode="after")
     def _check_masking_fits_model(self) -> RunConfig:
-        n_time_tokens = self.model.grid_tokens[0]
+        n_time_tokens = self.model.time_tokens
         factor = self.masking.coarsen_factor
-        token_t, token_h, token_w = self.model.token_shape
-        if token_h % factor or token_w % factor:
-            raise ValueError(
-                f"masking.coarsen_factor {factor} does not divide the spatial token size "
-                f"{(token_h, token_w)} of model.token_shape: choose a factor that divides both"
-            )
+        for field in self.model.fields:
+            _, token_h, token_w = field.token_shape
+            if token_h % factor or token_w % factor:
+                raise ValueError(
+                    f"masking.coarsen_factor {factor} does not divide the spatial token size "
+                    f"{(token_h, token_w)} of field {field.name!r}: choose a factor that divides both"
+                )
         if self.masking.forecast_tokens >= n_time_tokens:
             raise ValueError(
                 f"masking.forecast_tokens {self.masking.forecast_tokens} leaves no input: a sample "
@@ -212,6 +375,11 @@ class RunConfig(_Schema):
             raise ValueError(
                 f"masking.interpolation_tokens {too_long} must be between 1 and {max_gap}, because "
                 f"the first and last of {n_time_tokens} time tokens stay visible"
+            )
+        if n_time_tokens < 2 and self.masking.weights.causal > 0:
+            raise ValueError(
+                "masking strategy causal needs at least 2 time tokens per sample: raise num_tokens[0] "
+                "of the fields or set masking.weights.causal to 0"
             )
         return self
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import xarray as xr
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,25 @@ def time_features(times: np.ndarray) -> np.ndarray:
     day_angle = 2 * np.pi * day_of_year / DAYS_PER_YEAR
     features = np.stack([np.sin(hour_angle), np.cos(hour_angle), np.sin(day_angle), np.cos(day_angle)], axis=-1)
     return features.astype(np.float32)
+
+
+# Reference year of the year feature: the feature is (fractional year - YEAR_ORIGIN) / YEAR_SCALE.
+YEAR_ORIGIN = 2000.0
+YEAR_SCALE = 100.0
+
+
+def calendar_features(times: np.ndarray) -> np.ndarray:
+    """Encode timestamps as year, day of year and hour of day, the model's time features.
+
+    times: [T] datetime64 -> [T, 5] float32: the four columns of `time_features` followed
+    by the fractional year as (year + day_of_year / 365.25 - 2000) / 100, which is 0 at
+    the start of 2000 and grows by 0.01 per year.
+    """
+    index = np.asarray(times, dtype="datetime64[ns]")
+    years = index.astype("datetime64[Y]")
+    fraction = (index - years) / np.timedelta64(1, "D") / DAYS_PER_YEAR
+    year = (years.astype(np.int64) + 1970 + fraction - YEAR_ORIGIN) / YEAR_SCALE
+    return np.concatenate([time_features(index), year[:, None].astype(np.float32)], axis=-1)
 
 
 def select_channels(
@@ -205,3 +228,86 @@ class WindowDataset(Dataset):
         x = torch.from_numpy(np.array(window, dtype=np.float32))
         features = torch.from_numpy(time_features(self.window_times(index)))
         return x, features
+
+
+class FieldDataset(Dataset):
+    """Multi-field samples: every configured field over one time window and one centred crop.
+
+    A sample covers the region `config.sample_shape = (T, H, W)`, the largest field extent
+    along each axis, read as a `WindowDataset` window (same windows, crops, members and
+    seeding). Each field is cut from the region centred: its crop starts
+    `(H - H_f) // 2` latitude and `(W - W_f) // 2` longitude points into the region.
+
+    Each item is `(fields, time_features)` with fields: name -> [L, T, H_f, W_f] float32
+    (levels in configured order, L = 1 for a single-level field) and time_features
+    [T, 5] float32 (`calendar_features`).
+    """
+
+    def __init__(
+        self,
+        ds: xr.Dataset,
+        config: ModelConfig,
+        period: tuple[str, str] | Sequence[str],
+        time_stride: int = 1,
+        random_crop: bool = True,
+        spatial_stride: int = 1,
+        seed: int = 0,
+        max_in_memory_bytes: int = DEFAULT_MAX_IN_MEMORY_BYTES,
+    ) -> None:
+        self.config = config
+        self.windows = WindowDataset(
+            ds,
+            variables=config.field_names,
+            period=period,
+            sample_shape=config.sample_shape,
+            time_stride=time_stride,
+            levels=config.levels,
+            random_crop=random_crop,
+            spatial_stride=spatial_stride,
+            seed=seed,
+            max_in_memory_bytes=max_in_memory_bytes,
+        )
+        _, height, width = config.sample_shape
+        # Per field: (first channel, last channel + 1, latitude offset, longitude offset) in the region.
+        self.layout: dict[str, tuple[int, int, int, int]] = {}
+        channel = 0
+        for field in config.fields:
+            _, field_height, field_width = field.sample_shape
+            self.layout[field.name] = (
+                channel,
+                channel + field.num_levels,
+                (height - field_height) // 2,
+                (width - field_width) // 2,
+            )
+            channel += field.num_levels
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random crop offsets `__getitem__` returns."""
+        self.windows.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def window_times(self, index: int) -> np.ndarray:
+        """Return the [T] datetime64 timestamps of sample `index`."""
+        return self.windows.window_times(index)
+
+    def field_coordinates(self, name: str, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Return the latitude [H_f] and longitude [W_f] of field `name` in sample `index`."""
+        field = self.config.field(name)
+        _, _, lat_offset, lon_offset = self.layout[name]
+        lat, lon = self.windows.crop_offset(index)
+        _, height, width = field.sample_shape
+        latitude = self.windows.latitude[lat + lat_offset : lat + lat_offset + height]
+        longitude = self.windows.longitude[lon + lon_offset : lon + lon_offset + width]
+        return latitude, longitude
+
+    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        region, _ = self.windows[index]  # [C, T, H, W] over all fields' channels
+        fields = {}
+        for field in self.config.fields:
+            first, last, lat_offset, lon_offset = self.layout[field.name]
+            _, height, width = field.sample_shape
+            fields[field.name] = region[first:last, :, lat_offset : lat_offset + height, lon_offset : lon_offset + width]
+        features = torch.from_numpy(calendar_features(self.window_times(index)))
+        return fields, features

@@ -1,16 +1,23 @@
-"""Token masks, model inputs built from them, and the masked reconstruction loss.
+"""Token masks per field, model inputs built from them, and the strategies that draw them.
 
-A token mask `mask: [B, C, nT, nH, nW]` is boolean, and True marks a token that the model
-must predict. The strategies are:
+A field's token mask `mask: [B, L, nT, nH, nW]` is boolean (L levels, the field's token
+grid), and True marks a token that the model must predict. The mask functions below take
+the number of channels `C` (a field's levels) and the token grid. One strategy is drawn
+per batch and applied to every field with the same random choices, so all fields hide the
+same time tokens. The strategies are:
 
-- `bert`: a random subset of tokens per sample, at a rate drawn uniformly from
-  (0, bert_max_rate]. Masked tokens are zeroed, replaced by standard normal noise, or
-  replaced by their coarsened version, in the proportions of `MaskingConfig.bert_fill`.
-- `forecast`: the last `forecast_tokens` time tokens, whole grid and all channels, zeroed.
+- `bert`: a random subset of tokens per sample and field, at a rate drawn per sample
+  uniformly from (0, bert_max_rate]. Masked tokens are zeroed, replaced by standard
+  normal noise, or replaced by their coarsened version, in the proportions of
+  `MaskingConfig.bert_fill`.
+- `forecast`: the last `forecast_tokens` time tokens, all levels and grid cells, zeroed.
 - `interpolation`: a run of time tokens that never includes the first or the last time
-  token, whole grid and all channels, zeroed.
+  token, all levels and grid cells, zeroed.
 - `downscaling`: every token masked and replaced by its coarsened version, so the model
   reconstructs the full-resolution field from a block-averaged one.
+- `causal`: every time token from a drawn time token k in [1, nT - 1] on, zeroed, so the
+  model predicts everything after time token k - 1 from what precedes it, as GPT-style
+  training does.
 
 Fields are normalised, so zero is the climatological mean and unit-variance noise has the
 scale of the data.
@@ -25,22 +32,22 @@ import torch
 from torch import Tensor
 
 from models.config import MaskingConfig
-from models.tokens import expand_token_mask, tokenise
+from models.tokens import expand_token_mask
 
-STRATEGIES = ("bert", "forecast", "interpolation", "downscaling")
+STRATEGIES = ("bert", "forecast", "interpolation", "downscaling", "causal")
 FILLS = ("zero", "noise", "coarsen")
 
 
 @dataclass(frozen=True)
 class MaskedBatch:
-    """Model input built by one masking strategy.
+    """Model inputs built by one masking strategy, per field name.
 
-    inputs: [B, C, T, H, W] corrupted field.
-    mask: [B, C, nT, nH, nW] bool, True = masked.
+    inputs: field -> [B, L, T, H, W] corrupted field.
+    masks: field -> [B, L, nT, nH, nW] bool, True = masked.
     """
 
-    inputs: Tensor
-    mask: Tensor
+    inputs: dict[str, Tensor]
+    masks: dict[str, Tensor]
     strategy: str
 
 
@@ -109,6 +116,22 @@ def bert_mask(
 def downscaling_mask(batch: int, channels: int, grid_tokens: tuple[int, int, int]) -> Tensor:
     """Mask every token: [B, C, nT, nH, nW] all True."""
     return torch.ones((batch, channels, *grid_tokens), dtype=torch.bool)
+
+
+def causal_mask(batch: int, channels: int, grid_tokens: tuple[int, int, int], first_token: int) -> Tensor:
+    """Mask every time token from `first_token` on, for every channel and grid cell.
+
+    Returns [B, C, nT, nH, nW] bool. Time tokens before `first_token` stay visible, so
+    ValueError is raised unless 1 <= first_token < nT.
+    """
+    n_time = grid_tokens[0]
+    if not 1 <= first_token < n_time:
+        raise ValueError(
+            f"causal mask needs 1 <= first_token < {n_time} time tokens, got first_token={first_token}"
+        )
+    mask = _empty_mask(batch, channels, grid_tokens)
+    mask[:, :, first_token:] = True
+    return mask
 
 
 def coarsen(x: Tensor, factor: int) -> Tensor:
@@ -194,58 +217,63 @@ def _draw_int(low: int, high: int, generator: torch.Generator | None) -> int:
 
 def sample_mask(
     config: MaskingConfig,
-    x: Tensor,
-    token_shape: tuple[int, int, int],
+    fields: Mapping[str, Tensor],
+    token_shapes: Mapping[str, tuple[int, int, int]],
     generator: torch.Generator | None = None,
     strategy: str | None = None,
 ) -> MaskedBatch:
-    """Draw one strategy for the batch by `config.weights`, then build its mask and input.
+    """Draw one strategy for the batch by `config.weights`, then build every field's mask and input.
 
-    x: [B, C, T, H, W] normalised target field. `strategy` forces one strategy instead of
-    drawing it. All random choices come from `generator`, so a seeded generator repeats
-    the same masks. Returns a MaskedBatch whose `inputs` is on the device of `x`.
+    fields: name -> [B, L, T, H, W] normalised target. token_shapes: name -> (tT, tH, tW).
+    All fields must have the same number of time tokens, so the forecast, interpolation and
+    causal masks cover the same time tokens in every field, and BERT uses the same
+    per-sample rate in every field. `strategy` forces one strategy instead of drawing it.
+    All random choices come from `generator`, so a seeded generator repeats the same
+    masks. Each input and mask is on the device of its field.
     """
-    batch, channels, steps, height, width = x.shape
-    grid = (steps // token_shape[0], height // token_shape[1], width // token_shape[2])
+    if not fields:
+        raise ValueError("sample_mask needs at least one field")
+    grids = {}
+    for name, x in fields.items():
+        steps, height, width = x.shape[2:]
+        token_t, token_h, token_w = token_shapes[name]
+        grids[name] = (steps // token_t, height // token_h, width // token_w)
+    time_token_counts = {grid[0] for grid in grids.values()}
+    if len(time_token_counts) != 1:
+        raise ValueError(f"fields must have the same number of time tokens, got token grids {grids}")
+    n_time = time_token_counts.pop()
+    batch = next(iter(fields.values())).shape[0]
     strategy = strategy or _draw_strategy(config, generator)
 
+    # The batch's random choices are drawn once, so every field gets the same ones.
+    fill: str | Mapping[str, float] = "zero"
     if strategy == "bert":
         rates = torch.rand(batch, generator=generator, dtype=torch.float64) * config.bert_max_rate
-        mask = bert_mask(batch, channels, grid, rates, generator)
-        fill: str | Mapping[str, float] = config.bert_fill.model_dump()
-    elif strategy == "forecast":
-        mask = forecast_mask(batch, channels, grid, config.forecast_tokens)
-        fill = "zero"
+        fill = config.bert_fill.model_dump()
     elif strategy == "interpolation":
         gaps = config.interpolation_tokens
         gap = gaps[_draw_int(0, len(gaps) - 1, generator)]
-        start = _draw_int(1, grid[0] - 1 - gap, generator)
-        mask = interpolation_mask(batch, channels, grid, start, gap)
-        fill = "zero"
+        start = _draw_int(1, n_time - 1 - gap, generator)
+    elif strategy == "causal":
+        first_token = _draw_int(1, n_time - 1, generator)
     elif strategy == "downscaling":
-        mask = downscaling_mask(batch, channels, grid)
         fill = "coarsen"
-    else:
+    elif strategy != "forecast":
         raise ValueError(f"unknown masking strategy {strategy!r}: use one of {STRATEGIES}")
 
-    inputs = corrupt(x, mask, token_shape, fill, config.coarsen_factor, generator)
-    return MaskedBatch(inputs=inputs, mask=mask.to(x.device), strategy=strategy)
-
-
-def masked_mse(prediction: Tensor, target: Tensor, mask: Tensor, token_shape: tuple[int, int, int]) -> Tensor:
-    """Mean squared error over the grid points of masked tokens only.
-
-    prediction, target: [B, C, T, H, W].
-    mask: [B, C, nT, nH, nW] bool.
-    Every masked token weighs the same. Returns a scalar tensor in squared normalised units. Raises ValueError
-    when no token is masked, because the mean would be undefined.
-    """
-    if prediction.shape != target.shape:
-        raise ValueError(f"prediction shape {tuple(prediction.shape)} differs from target {tuple(target.shape)}")
-    if not bool(mask.any()):
-        raise ValueError("mask selects no token: the masked loss is undefined")
-
-    squared_error = (prediction.float() - target.float()) ** 2
-    per_token = tokenise(squared_error, token_shape).mean(dim=-1)
-    return per_token[mask].mean()
-
+    inputs, masks = {}, {}
+    for name, x in fields.items():
+        channels, grid = x.shape[1], grids[name]
+        if strategy == "bert":
+            mask = bert_mask(batch, channels, grid, rates, generator)
+        elif strategy == "forecast":
+            mask = forecast_mask(batch, channels, grid, config.forecast_tokens)
+        elif strategy == "interpolation":
+            mask = interpolation_mask(batch, channels, grid, start, gap)
+        elif strategy == "causal":
+            mask = causal_mask(batch, channels, grid, first_token)
+        else:
+            mask = downscaling_mask(batch, channels, grid)
+        inputs[name] = corrupt(x, mask, token_shapes[name], fill, config.coarsen_factor, generator)
+        masks[name] = mask.to(x.device)
+    return MaskedBatch(inputs=inputs, masks=masks, strategy=strategy)

@@ -35,6 +35,7 @@ import xarray as xr
 import zarr
 
 from data_catalog.catalog import Catalog, dataset_digest
+from data_catalog.locks import holds_dataset_lock
 from data_catalog.schema import DatasetEntry
 from tasks import writer
 from tasks.ingest import (
@@ -65,6 +66,7 @@ VERSIONS_FOLDER = "versions"
 _STAGING_INFIX = ".append-"
 
 
+@holds_dataset_lock("append")
 def append_era5(sources: Sequence[str | Path | xr.Dataset], name: str, catalog: Catalog | None = None) -> IngestResult:
     """Append the time steps of `sources` after the last time of the published dataset `name`.
 
@@ -74,7 +76,8 @@ def append_era5(sources: Sequence[str | Path | xr.Dataset], name: str, catalog: 
     and members. Returns the new entry, whose digest is the recipe digest of all sources,
     old and new, with the dataset's parameters, and whose version is one more than the
     old entry's. Raises DatasetNotFoundError for an unknown name, and InvalidSourceError
-    naming the files when the new data do not fit.
+    naming the files when the new data do not fit, and DatasetLockedError when another
+    ingest or append of `name` is running.
     """
     catalog = catalog if catalog is not None else Catalog()
     entry = catalog.get(name)

@@ -1,49 +1,64 @@
-"""Fast GRIB path of `ingest_era5`: decode messages with ecCodes in worker processes, straight into time regions.
+"""Fast GRIB path of `ingest_era5`: decode messages with ecCodes on a dask cluster, straight into time regions.
 
 cfgrib decodes a field at about 150 MB/s, raw ecCodes at about 1,100 MB/s per core
-(`codes_get_float_array`, float32, with values identical to cfgrib's). The fast path
-indexes the messages of every source once, then runs two passes of per-region work on a
-process pool, or on a dask.distributed cluster when a scheduler address is given:
+(`codes_get_float_array`, float32, with values identical to cfgrib's). `open_grib_fast`
+reads every message header once with ecCodes (`tasks.grib.inspect_grib`, which also
+runs every header check) and builds the canonical dataset from the headers, without
+cfgrib. The ingest then runs two passes of per-region work on a dask.distributed
+cluster: a local cluster of one worker process per core (`dask_client`), or an existing
+cluster given by its scheduler address:
 
 1. moments: decode the training steps of each region and reduce them to partial
    moments (`tasks.normalise`), which the caller merges in the same pairwise order as
    `summarise`, so the statistics are bit-identical to the cfgrib path;
-2. write: decode each region, normalise it with `tasks.normalise.normalise`, and write
-   its whole chunks into the Zarr store.
+2. write: decode each region again, normalise it, and write its whole chunks into the
+   Zarr store. Decoding runs about 9 times faster than compressing and writing
+   (BENCHMARKS.md), so decoding twice costs little. In exchange, memory stays bounded by
+   the region size rather than by the decoded dataset.
 
 The grid transforms of `canonicalise` and `regrid` (latitude flip, longitude sorting and
 convention, crop) are derived once by passing a field of value indices through those
-same functions, so each decoded field only needs one fancy-indexing step.
+same functions, so each decoded field only needs one slicing or fancy-indexing step.
 
-`plan_fast_path` returns None, and logs why, for anything it does not support. That is
-NetCDF or opened-dataset sources, coarsening, and variables with levels or members. It is
-also fields with a bitmap of missing values, and messages that do not map one to one onto
-the dataset.
+`open_grib_fast` and `plan_fast_path` return None, and log why, for inputs they do not
+support: levels, members, forecast steps, fields with a bitmap of missing values,
+repeated fields, files that differ in grid or variables, and coarsening. Those inputs
+are decoded with cfgrib.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import sys
+import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dask
+import dask.array
+import distributed.utils
 import eccodes
 import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
-from gribapi.errors import GribInternalError
+from dask.distributed import Client, LocalCluster
+from dask.distributed import as_completed as completed_futures
 
+from tasks.grib import GribMessage, inspect_grib
 from tasks.normalise import (
     Summary,
     _block_moments,
@@ -60,7 +75,6 @@ logger = logging.getLogger(__name__)
 TIME, LATITUDE, LONGITUDE = "time", "latitude", "longitude"
 # prctl option of linux/prctl.h that sets the signal a process gets when its parent dies.
 _PR_SET_PDEATHSIG = 1
-_HEADER_KEYS = ("cfVarName", "validityDate", "validityTime", "bitmapPresent", "Ni", "Nj")
 
 
 @dataclass(frozen=True)
@@ -110,127 +124,201 @@ class PassContext:
     token: str = ""
 
 
-def plan_fast_path(
-    sources: Sequence[Path | xr.Dataset],
-    dataset: xr.Dataset,
-    grid_transform: Callable[[xr.Dataset], xr.Dataset],
-    coarsen_factor: int,
-) -> FastPlan | None:
-    """Index the GRIB messages behind the canonical `dataset`, or return None when the fast path does not apply.
+def open_grib_fast(
+    paths: Sequence[Path],
+    time_chunk: int,
+    canonicalise: Callable[[xr.Dataset, Path], xr.Dataset],
+) -> tuple[xr.Dataset, FastPlan] | None:
+    """Build the canonical dataset of GRIB `paths` from their message headers alone, without cfgrib.
 
-    `grid_transform` must be the canonicalise-and-regrid chain that produced `dataset` from
-    one decoded source, applied to a dataset with one time step.
+    Every file is checked by `tasks.grib.inspect_grib` first, which raises
+    GribInspectionError for truncated or corrupted messages, unsupported or mixed grids,
+    repeated fields with different values and incomplete variables. The dataset equals
+    what `canonicalise` makes of cfgrib's dataset: same variables, coordinates,
+    attributes and float32 values. Its variables are dask arrays chunked `time_chunk`
+    steps along time, decoded with ecCodes when computed.
+
+    Returns the dataset and the plan that maps its grid onto the message values. Returns
+    None, and logs why, for inputs whose headers alone cannot prove the cfgrib result.
+    These are levels, members, forecast steps, bitmaps of missing values, repeated fields,
+    variables missing at some times, and files that differ in grid or variables. They go
+    through cfgrib and its checks.
     """
-    reason = _unsupported(sources, dataset, coarsen_factor)
-    if reason is None:
-        try:
-            return _build_plan(sources, dataset, grid_transform)
-        except _Unsupported as error:
-            reason = str(error)
-        except (GribInternalError, OSError) as error:
-            reason = f"indexing failed ({type(error).__name__}: {error})"
-    logger.info("ingest decodes with cfgrib, not the fast ecCodes path, because %s", reason)
-    return None
+    scans = [(path, inspect_grib(path)) for path in paths]
+    reason = _unclean(scans)
+    if reason is not None:
+        logger.info("ingest decodes with cfgrib, not the fast ecCodes path, because %s", reason)
+        return None
 
+    variables = tuple(dict.fromkeys(str(message.keys["cfVarName"]) for message in scans[0][1]))
+    by_time: dict[str, dict[np.datetime64, MessageRef]] = {name: {} for name in variables}
+    for path, messages in scans:
+        for message in messages:
+            by_time[str(message.keys["cfVarName"])][_valid_time(message)] = MessageRef(str(path), message.offset)
+    times = np.array(sorted(by_time[variables[0]]), dtype="datetime64[ns]")
+    first_path, first_messages = scans[0]
+    probe = _probe_dataset(first_path, first_messages, variables)
+    canonical = canonicalise(probe, first_path)
 
-class _Unsupported(Exception):
-    pass
-
-
-def _unsupported(sources: Sequence[Path | xr.Dataset], dataset: xr.Dataset, coarsen_factor: int) -> str | None:
-    if any(not isinstance(source, Path) or source.suffix.lower() not in {".grib", ".grb", ".grib1", ".grib2", ".grb1", ".grb2"} for source in sources):
-        return "a source is not a GRIB file"
-    if coarsen_factor != 1:
-        return "coarsening averages grid points"
-    for name, values in dataset.data_vars.items():
-        if values.dims != (TIME, LATITUDE, LONGITUDE):
-            return f"variable {name} has dims {values.dims}, and the fast path supports (time, latitude, longitude)"
-    return None
-
-
-def _build_plan(
-    sources: Sequence[Path], dataset: xr.Dataset, grid_transform: Callable[[xr.Dataset], xr.Dataset]
-) -> FastPlan:
-    variables = tuple(str(name) for name in dataset.data_vars)
-    times = dataset[TIME].values.astype("datetime64[ns]")
-    position = {time: index for index, time in enumerate(times)}
-    messages: dict[str, list[MessageRef | None]] = {name: [None] * times.size for name in variables}
-    first: tuple[str, int] | None = None
-
-    for path in sources:
-        for offset, header in _read_headers(path):
-            name = header["cfVarName"]
-            if name not in messages:
-                continue
-            if header["bitmapPresent"]:
-                raise _Unsupported(f"a message of {name} in {path} has a bitmap of missing values")
-            valid = np.datetime64(pd.Timestamp(f"{header['validityDate']:08d}T{header['validityTime']:04d}"), "ns")
-            index = position.get(valid)
-            if index is None:
-                raise _Unsupported(f"a message of {name} in {path} at {valid} is not a time of the dataset")
-            if messages[name][index] is not None:
-                raise _Unsupported(f"variable {name} has two messages at {valid}")
-            messages[name][index] = MessageRef(str(path), offset)
-            first = first or (str(path), offset)
-
-    for name, refs in messages.items():
-        if any(ref is None for ref in refs):
-            raise _Unsupported(f"variable {name} lacks messages at some times of the dataset")
-
-    index_map, source_shape, latitude, longitude = _grid_index_map(first, grid_transform)
-    if not (np.array_equal(latitude, dataset[LATITUDE].values) and np.array_equal(longitude, dataset[LONGITUDE].values)):
-        raise _Unsupported("the grid derived from the message headers differs from the decoded grid")
-    return FastPlan(
+    index_map = canonical[variables[0]].transpose(..., LATITUDE, LONGITUDE).values
+    index_map = index_map.reshape(canonical.sizes[LATITUDE], canonical.sizes[LONGITUDE]).astype(np.int32)
+    source_shape = (int(first_messages[0].grid[1]), int(first_messages[0].grid[0]))
+    plan = FastPlan(
         variables=variables,
-        messages={name: list(refs) for name, refs in messages.items()},
+        messages={name: [by_time[name][time] for time in times] for name in variables},
         index_map=index_map,
         source_shape=source_shape,
         slice_copies=_slice_copies(index_map, source_shape),
         times=times,
-        latitude=latitude,
-        longitude=longitude,
-        attrs={name: dict(dataset[name].attrs) for name in variables},
+        latitude=canonical[LATITUDE].values,
+        longitude=canonical[LONGITUDE].values,
+        attrs={name: dict(canonical[name].attrs) for name in variables},
     )
+    coords = {
+        TIME: (TIME, times),
+        LATITUDE: (LATITUDE, plan.latitude, canonical[LATITUDE].attrs),
+        LONGITUDE: (LONGITUDE, plan.longitude, canonical[LONGITUDE].attrs),
+    }
+    data = {name: ((TIME, LATITUDE, LONGITUDE), _lazy_values(plan, name, time_chunk), plan.attrs[name]) for name in variables}
+    return xr.Dataset(data, coords=coords), plan
 
 
-def _read_headers(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, "rb") as stream:
-        while (handle := eccodes.codes_grib_new_from_file(stream, headers_only=True)) is not None:
-            try:
-                yield int(eccodes.codes_get(handle, "offset")), {key: eccodes.codes_get(handle, key) for key in _HEADER_KEYS}
-            finally:
-                eccodes.codes_release(handle)
+def _unclean(scans: list[tuple[Path, list[GribMessage]]]) -> str | None:
+    """Return why the message headers alone do not fix the cfgrib dataset, or None when they do."""
+    grids = {message.grid for _, messages in scans for message in messages}
+    if len(grids) > 1:
+        return "the files use different grids"
+    variable_sets = {tuple(dict.fromkeys(str(message.keys["cfVarName"]) for message in messages)) for _, messages in scans}
+    if len(variable_sets) > 1:
+        return "the files contain different variables"
+    # typeOfLevel, level, stepRange and number must be the same for every message, so that
+    # cfgrib makes them scalar coordinates, which canonicalise drops.
+    shared = {(message.field[1], message.field[2], message.field[5], message.field[6]) for _, messages in scans for message in messages}
+    if len(shared) > 1:
+        return "the messages differ in level, forecast step or ensemble member"
+    level_type = next(iter(shared))[0]
+    if str(level_type).startswith("isobaric"):
+        return f"the messages are on pressure levels ({level_type})"
+
+    seen: set[tuple[str, np.datetime64]] = set()
+    for path, messages in scans:
+        for message in messages:
+            keys = message.keys
+            if keys["cfVarName"] in (None, "unknown"):
+                return f"message {message.index} of {path} has no cfVarName"
+            if keys["bitmapPresent"]:
+                return f"a message of {keys['cfVarName']} in {path} has a bitmap of missing values"
+            if keys["iScansNegatively"] or keys["jPointsAreConsecutive"] or keys["alternativeRowScanning"]:
+                return f"a message of {keys['cfVarName']} in {path} scans its grid points in an unusual order"
+            key = (str(keys["cfVarName"]), _valid_time(message))
+            if key in seen:
+                return f"variable {key[0]} has two messages at {key[1]}"
+            seen.add(key)
+    counts = collections.Counter(name for name, _ in seen)
+    if len(set(counts.values())) > 1:
+        return "some variables lack messages at times that other variables have"
+    return None
 
 
-def _grid_index_map(
-    message: tuple[str, int], grid_transform: Callable[[xr.Dataset], xr.Dataset]
-) -> tuple[np.ndarray, tuple[int, int], np.ndarray, np.ndarray]:
-    """Pass the value indices of one message through `grid_transform`.
+def _valid_time(message: GribMessage) -> np.datetime64:
+    date, time = int(message.keys["validityDate"]), int(message.keys["validityTime"])
+    return np.datetime64(pd.Timestamp(f"{date:08d}T{time:04d}"), "ns")
 
-    Returns the map [H, W], the message's grid shape (Nj, Ni) and the canonical latitude
-    and longitude.
+
+def _probe_dataset(path: Path, messages: list[GribMessage], variables: tuple[str, ...]) -> xr.Dataset:
+    """Return one time step as cfgrib lays it out, with each field's values replaced by their message indices.
+
+    Like cfgrib (0.9.15), latitude and longitude are ecCodes' distinctLatitudes and
+    distinctLongitudes, the values are reshaped to (Nj, Ni), and the variable attributes
+    are the keys units, name and cfName. float64 represents every index of a grid under
+    2**53 points exactly.
     """
-    path, offset = message
+    first = {str(message.keys["cfVarName"]): message for message in reversed(messages)}
     with open(path, "rb") as stream:
-        stream.seek(offset)
-        handle = eccodes.codes_grib_new_from_file(stream)
+        stream.seek(messages[0].offset)
+        handle = eccodes.codes_grib_new_from_file(stream, headers_only=True)
         try:
-            shape = (int(eccodes.codes_get(handle, "Nj")), int(eccodes.codes_get(handle, "Ni")))
-            latitudes = eccodes.codes_get_array(handle, "latitudes").reshape(shape)[:, 0]
-            longitudes = eccodes.codes_get_array(handle, "longitudes").reshape(shape)[0, :]
+            latitudes = np.atleast_1d(eccodes.codes_get_array(handle, "distinctLatitudes"))
+            longitudes = np.atleast_1d(eccodes.codes_get_array(handle, "distinctLongitudes"))
         finally:
             eccodes.codes_release(handle)
 
-    # float64 represents every index of a grid under 2**53 points exactly.
+    shape = (latitudes.size, longitudes.size)
+    indices = np.arange(shape[0] * shape[1], dtype=np.float64).reshape(shape)
+    latitude_attrs = {"units": "degrees_north", "standard_name": "latitude", "long_name": "latitude"}
+    if latitudes[0] > latitudes[-1]:
+        latitude_attrs["stored_direction"] = "decreasing"
+    longitude_attrs = {"units": "degrees_east", "standard_name": "longitude", "long_name": "longitude"}
+    fields = {}
+    for name in variables:
+        keys = first[name].keys
+        attrs = {"units": keys["units"], "long_name": keys["name"], "standard_name": keys["cfName"]}
+        fields[name] = ((LATITUDE, LONGITUDE), indices, {key: value for key, value in attrs.items() if value is not None})
+    return xr.Dataset(
+        fields,
+        coords={
+            LATITUDE: (LATITUDE, latitudes, latitude_attrs),
+            LONGITUDE: (LONGITUDE, longitudes, longitude_attrs),
+            TIME: np.datetime64("2000-01-01", "ns"),
+        },
+    )
+
+
+def _lazy_values(plan: FastPlan, variable: str, time_chunk: int) -> dask.array.Array:
+    """Return `variable` as a dask array [T, H, W] whose chunks of `time_chunk` steps call `decode_region`."""
+    count = plan.times.size
+    starts = range(0, count, time_chunk)
+    name = f"decode-grib-{variable}-{uuid.uuid4().hex}"
+    graph = {(name, index, 0, 0): (decode_region, plan, variable, start, min(start + time_chunk, count)) for index, start in enumerate(starts)}
+    chunks = (tuple(min(time_chunk, count - start) for start in starts), (plan.index_map.shape[0],), (plan.index_map.shape[1],))
+    return dask.array.Array(graph, name, chunks, dtype=np.float32)
+
+
+def plan_fast_path(
+    canonical: FastPlan,
+    dataset: xr.Dataset,
+    grid_transform: Callable[[xr.Dataset], xr.Dataset],
+    coarsen_factor: int,
+) -> FastPlan | None:
+    """Return the plan that decodes the messages of `canonical` straight onto the grid of `dataset`, or None.
+
+    `dataset` is the canonical dataset of `open_grib_fast` after variable selection and
+    `grid_transform` (crop and longitude convention). None, with a log line, means the
+    workers cannot write it because coarsening averages grid points. The ingest then
+    computes the lazy ecCodes dataset in its own process.
+    """
+    if coarsen_factor != 1:
+        logger.info(
+            "ingest decodes with ecCodes through dask threads in this process, not the fast ecCodes path on the "
+            "cluster, because coarsening averages grid points"
+        )
+        return None
+    variables = tuple(str(name) for name in dataset.data_vars)
     probe = xr.Dataset(
-        {"probe": ((LATITUDE, LONGITUDE), np.arange(shape[0] * shape[1], dtype=np.float64).reshape(shape), {"units": "1"})},
-        coords={LATITUDE: latitudes, LONGITUDE: longitudes, TIME: np.datetime64("2000-01-01", "ns")},
+        {"probe": ((LATITUDE, LONGITUDE), canonical.index_map.astype(np.float64), {"units": "1"})},
+        coords={LATITUDE: canonical.latitude, LONGITUDE: canonical.longitude, TIME: np.datetime64("2000-01-01", "ns")},
     )
     transformed = grid_transform(probe)
     index_map = transformed["probe"].transpose(..., LATITUDE, LONGITUDE).values.reshape(
         transformed.sizes[LATITUDE], transformed.sizes[LONGITUDE]
+    ).astype(np.int32)
+    if not (
+        np.array_equal(transformed[LATITUDE].values, dataset[LATITUDE].values)
+        and np.array_equal(transformed[LONGITUDE].values, dataset[LONGITUDE].values)
+        and np.array_equal(canonical.times, dataset[TIME].values)
+    ):
+        raise ValueError("the grid or times of the regridded probe differ from the dataset's: a bug in tasks.decode")
+    return FastPlan(
+        variables=variables,
+        messages={name: canonical.messages[name] for name in variables},
+        index_map=index_map,
+        source_shape=canonical.source_shape,
+        slice_copies=_slice_copies(index_map, canonical.source_shape),
+        times=canonical.times,
+        latitude=transformed[LATITUDE].values,
+        longitude=transformed[LONGITUDE].values,
+        attrs={name: dict(dataset[name].attrs) for name in variables},
     )
-    return index_map.astype(np.int32), shape, transformed[LATITUDE].values, transformed[LONGITUDE].values
 
 
 # A map that splits into more contiguous runs than this per axis is applied by fancy indexing.
@@ -339,7 +427,11 @@ def run_region(context: PassContext, index: int, start: int, stop: int) -> tuple
         entry = context.statistics[variable]
         if entry.get("scheme", "global") == "global":
             # The operations of tasks.normalise for a variable without levels, on the bare array.
-            normalised = ((block.astype(np.float64) - float(entry["mean"][0])) / float(entry["std"][0])).astype(np.float32)
+            # In place on one float64 copy, which gives the same values with fewer temporary arrays.
+            values64 = block.astype(np.float64)
+            values64 -= float(entry["mean"][0])
+            values64 /= float(entry["std"][0])
+            normalised = values64.astype(np.float32)
         else:
             values = xr.DataArray(
                 block,
@@ -376,24 +468,103 @@ def _global_moments_all_valid(block: np.ndarray, in_train: np.ndarray) -> dict[i
     count = np.full(1, train.size, dtype=np.int64)
     total = train.sum(axis=axes)
     mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
-    m2 = ((train - np.expand_dims(mean, axes)) ** 2).sum(axis=axes)
+    deviation = train - np.expand_dims(mean, axes)
+    np.square(deviation, out=deviation)
+    m2 = deviation.sum(axis=axes)
     return {0: (count, mean, m2, np.full(1, values.size, dtype=np.int64))}
 
 
-_worker_context: PassContext | None = None
+# Modules that the forkserver of the local cluster imports once, so that each worker forked
+# from it starts with them: distributed itself, and this module with numpy, xarray, zarr and ecCodes.
+_WORKER_PRELOAD = ["distributed", "tasks.decode"]
 
 
-def _set_worker_context(context: PassContext) -> None:
-    global _worker_context
-    _worker_context = context
-    _exit_with_parent()
+def _start_method() -> str:
+    return "forkserver" if sys.platform.startswith("linux") else "spawn"
+
+
+def prepare_local_workers() -> None:
+    """Start the forkserver of the local cluster's workers in the background, if it is not running yet.
+
+    The forkserver is a fresh single-threaded process that imports _WORKER_PRELOAD once
+    and then forks every worker of every local cluster of this process. Its imports (about
+    1 s) overlap with whatever the caller does next. Elsewhere than on Linux this does
+    nothing, and workers are spawned.
+    """
+    if _start_method() != "forkserver":
+        return
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        # distributed sets its own preload list the first time it makes this context, so
+        # ours is set afterwards and wins. It applies only to a forkserver not started yet.
+        context = distributed.utils.get_mp_context()
+    context.set_forkserver_preload(_WORKER_PRELOAD)
+    multiprocessing.forkserver.ensure_running()
+
+
+@contextlib.contextmanager
+def dask_client(scheduler_address: str | None, workers: int | None = None) -> Iterator[Client]:
+    """Connect to the dask.distributed scheduler at `scheduler_address`, or start a local cluster for the block.
+
+    The local cluster has `workers` worker processes (default: one per core) of one
+    thread each, listens on 127.0.0.1 only and has no dashboard. On Linux its workers
+    are forked from a forkserver (`prepare_local_workers`) rather than spawned, and a
+    forkserver runs no threads, so a fork cannot copy a lock that another thread holds.
+    The first cluster of a process waits for the forkserver's imports. Later ones start
+    in about 0.3 s, where spawned workers take about 4 s (both measured on 2 busy cores).
+    Each worker gets SIGKILL when its parent, the forkserver, dies, which it does when
+    the ingest process dies. The environment variables that distributed sets for its
+    workers (OMP_NUM_THREADS and others) are restored in this process afterwards.
+    """
+    if scheduler_address is not None:
+        client = Client(scheduler_address, set_as_default=False)
+        try:
+            logger.info("running the ecCodes path on the dask scheduler at %s", scheduler_address)
+            yield client
+        finally:
+            client.close()
+        return
+
+    workers = workers or os.cpu_count() or 1
+    environment = dict(os.environ)
+    started = time.perf_counter()
+    prepare_local_workers()
+    try:
+        with dask.config.set({"distributed.worker.multiprocessing-method": _start_method()}):
+            # The scheduler serves health and metrics over HTTP even without a dashboard, by
+            # default on port 8787: port 0 picks a free one instead.
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+            )
+    finally:
+        for key in set(os.environ) - set(environment):
+            del os.environ[key]
+        os.environ.update(environment)
+    # The client is closed explicitly rather than used as a context manager, which would
+    # make it the current client of a context variable that `background_client` enters and
+    # leaves in different threads.
+    with cluster:
+        client = Client(cluster, set_as_default=False)
+        try:
+            client.run(_exit_with_parent)
+            logger.info(
+                "started a local dask cluster of %d worker process(es) at %s in %.2f s",
+                workers, cluster.scheduler_address, time.perf_counter() - started,
+            )
+            yield client
+        finally:
+            client.close()
 
 
 def _exit_with_parent() -> None:
     """Ask Linux to kill this worker when the ingest process dies, so a killed ingest leaves no worker writing.
 
     Elsewhere this does nothing, and a worker finishes its region before it notices the
-    broken pool.
+    lost scheduler.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -405,67 +576,76 @@ def _exit_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _run_in_worker(index: int, start: int, stop: int) -> tuple[int, dict[str, Any] | None]:
-    return run_region(_worker_context, index, start, stop)
+@contextlib.contextmanager
+def background_client(scheduler_address: str | None) -> Iterator[concurrent.futures.Future]:
+    """Run `dask_client` for the block, started in a background thread; yield the future of its client.
+
+    The caller works on while the local cluster starts, and takes the client with
+    `.result()`, which raises the start-up error if there is one. The cluster is closed
+    when the block ends.
+    """
+    stack = contextlib.ExitStack()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        starting = pool.submit(stack.enter_context, dask_client(scheduler_address))
+        try:
+            yield starting
+        finally:
+            concurrent.futures.wait([starting])
+            stack.close()
 
 
 def run_pass(
-    context: PassContext, regions: list[tuple[int, int, int]], scheduler_address: str | None
+    context: PassContext, regions: list[tuple[int, int, int]], runner: Client | int
 ) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    """Run `regions` (index, start, stop) of one pass and yield results as they complete, in any order.
+    """Run `regions` (index, start, stop) of one pass; yield results as they complete, in any order.
 
-    Work runs on a process pool of one worker per core, or on the dask.distributed cluster
-    at `scheduler_address`. At most two regions per worker are submitted and not yet
-    yielded, so memory stays bounded by the region size.
+    `runner` is a dask client, whose cluster runs the regions, or a number of threads of
+    this process. At most two regions per worker thread are submitted and not yet
+    yielded, so memory stays bounded by the region size, not the dataset size. On an
+    error the regions not started yet are cancelled, so none of them is written.
     """
     if not regions:
         return
-    if scheduler_address is not None:
-        yield from _run_on_cluster(context, regions, scheduler_address)
+    if isinstance(runner, int):
+        yield from _run_in_threads(context, regions, runner)
         return
+    client = runner
+    [shared] = client.scatter([context], broadcast=True, hash=False)
+    window = 2 * max(1, sum(client.nthreads().values()))
+    waiting = iter(regions)
+    futures = completed_futures(
+        [client.submit(run_region, shared, *region, pure=False) for region in itertools.islice(waiting, window)],
+        loop=client.loop,
+    )
+    try:
+        for future in futures:
+            yield future.result()
+            future.release()
+            for region in itertools.islice(waiting, 1):
+                futures.add(client.submit(run_region, shared, *region, pure=False))
+    except BaseException:
+        client.cancel(list(futures.futures))
+        raise
+    finally:
+        client.cancel([shared])
 
-    workers = max(1, min(os.cpu_count() or 1, len(regions)))
-    # fork hands the context to each worker without pickling it.
-    pool_context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(
-        workers, mp_context=pool_context, initializer=_set_worker_context, initargs=(context,)
-    ) as pool:
+
+def _run_in_threads(
+    context: PassContext, regions: list[tuple[int, int, int]], threads: int
+) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    # ecCodes decoding (through cffi) and numpy's reductions release the GIL, so threads run in parallel.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
         waiting = iter(regions)
-        running = {pool.submit(_run_in_worker, *region) for region in itertools.islice(waiting, 2 * workers)}
+        running = {pool.submit(run_region, context, *region) for region in itertools.islice(waiting, 2 * threads)}
         try:
             while running:
-                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                finished, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in finished:
                     yield future.result()
                     for region in itertools.islice(waiting, 1):
-                        running.add(pool.submit(_run_in_worker, *region))
+                        running.add(pool.submit(run_region, context, *region))
         except BaseException:
-            # Regions not started yet are dropped, so a failure is reported without writing them.
             pool.shutdown(wait=True, cancel_futures=True)
-            raise
-
-
-def _run_on_cluster(
-    context: PassContext, regions: list[tuple[int, int, int]], scheduler_address: str
-) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    from dask.distributed import Client
-    from dask.distributed import as_completed as completed_futures
-
-    with Client(scheduler_address) as client:
-        [shared] = client.scatter([context], broadcast=True)
-        window = 2 * max(1, sum(client.nthreads().values()))
-        waiting = iter(regions)
-        futures = completed_futures(
-            [client.submit(run_region, shared, *region, pure=False) for region in itertools.islice(waiting, window)]
-        )
-        try:
-            for future in futures:
-                yield future.result()
-                future.release()
-                for region in itertools.islice(waiting, 1):
-                    futures.add(client.submit(run_region, shared, *region, pure=False))
-        except BaseException:
-            client.cancel(list(futures.futures))
             raise
 
 
@@ -513,12 +693,13 @@ def summarise_fast(
     train_period: tuple[str, str],
     schemes: dict[str, str] | None,
     time_chunk: int,
-    scheduler_address: str | None,
+    runner: Client | int,
 ) -> Summary:
     """Compute the same Summary as `tasks.normalise.summarise`, decoding the regions in parallel.
 
     Regions are the time chunks that `summarise` reduces one by one, and their partial
-    moments are merged in its order, so both give identical statistics.
+    moments are merged in its order, so both give identical statistics. `runner` is a
+    dask client or a number of threads of this process (see `run_pass`).
     """
     schemes = _check_schemes(dataset, schemes)
     times = pd.DatetimeIndex(plan.times)
@@ -531,7 +712,7 @@ def summarise_fast(
     )
     regions = [(index, first, min(first + time_chunk, times.size)) for index, first in enumerate(range(0, times.size, time_chunk))]
     merger = OrderedMerger()
-    for index, partials in run_pass(context, regions, scheduler_address):
+    for index, partials in run_pass(context, regions, runner):
         merger.add(index, partials)
     merged = merger.result()
 

@@ -33,6 +33,21 @@ GRID_KEYS = (
     "latitudeOfLastGridPointInDegrees",
     "longitudeOfLastGridPointInDegrees",
 )
+# Further header keys read in the same scan for the ecCodes decoding path of `tasks.decode`:
+# the variable name and attributes that cfgrib would give, the valid time, and the layout
+# of the values.
+DECODE_KEYS = (
+    "cfVarName",
+    "units",
+    "name",
+    "cfName",
+    "validityDate",
+    "validityTime",
+    "bitmapPresent",
+    "iScansNegatively",
+    "jPointsAreConsecutive",
+    "alternativeRowScanning",
+)
 # At most this many examples are listed in an error message.
 _MAX_LISTED = 5
 
@@ -42,15 +57,18 @@ class GribInspectionError(ValueError):
 
 
 @dataclass(frozen=True)
-class _Message:
+class GribMessage:
+    """Header of one message: position, identifying FIELD_KEYS, grid type, GRID_KEYS and DECODE_KEYS."""
+
     index: int
     offset: int
     field: tuple
     grid_type: str
     grid: tuple
+    keys: dict[str, object]
 
 
-def inspect_grib(path: Path) -> None:
+def inspect_grib(path: Path) -> list[GribMessage]:
     """Check every message header of `path`.
 
     Raises GribInspectionError when a message is truncated or corrupted, or when a grid
@@ -60,6 +78,7 @@ def inspect_grib(path: Path) -> None:
     values, or when a variable lacks some combination of time steps, forecast steps,
     levels and members.
     Identical repeated fields are logged and left to cfgrib, which keeps the first.
+    Returns the message headers, in file order.
     """
     messages = _read_headers(path)
     if not messages:
@@ -68,9 +87,10 @@ def inspect_grib(path: Path) -> None:
     _check_single_grid(messages, path)
     _check_duplicates(messages, path)
     _check_complete(messages, path)
+    return messages
 
 
-def _read_headers(path: Path) -> list[_Message]:
+def _read_headers(path: Path) -> list[GribMessage]:
     messages = []
     with open(path, "rb") as stream:
         while True:
@@ -89,7 +109,8 @@ def _read_headers(path: Path) -> list[_Message]:
                 grid_type = str(eccodes.codes_get(handle, "gridType"))
                 field = tuple(_get(handle, key) for key in FIELD_KEYS)
                 grid = tuple(_get(handle, key) for key in GRID_KEYS) if grid_type in SUPPORTED_GRID_TYPES else ()
-                messages.append(_Message(len(messages), offset, field, grid_type, grid))
+                keys = {key: _get(handle, key) for key in DECODE_KEYS}
+                messages.append(GribMessage(len(messages), offset, field, grid_type, grid, keys))
             finally:
                 eccodes.codes_release(handle)
 
@@ -101,7 +122,7 @@ def _get(handle: int, key: str) -> object:
         return None
 
 
-def _check_grid_types(messages: list[_Message], path: Path) -> None:
+def _check_grid_types(messages: list[GribMessage], path: Path) -> None:
     for message in messages:
         if message.grid_type not in SUPPORTED_GRID_TYPES:
             raise GribInspectionError(
@@ -112,7 +133,7 @@ def _check_grid_types(messages: list[_Message], path: Path) -> None:
             )
 
 
-def _check_single_grid(messages: list[_Message], path: Path) -> None:
+def _check_single_grid(messages: list[GribMessage], path: Path) -> None:
     grids = defaultdict(list)
     for message in messages:
         grids[message.grid].append(message)
@@ -128,7 +149,7 @@ def _check_single_grid(messages: list[_Message], path: Path) -> None:
         )
 
 
-def _check_duplicates(messages: list[_Message], path: Path) -> None:
+def _check_duplicates(messages: list[GribMessage], path: Path) -> None:
     by_field = defaultdict(list)
     for message in messages:
         by_field[message.field].append(message)
@@ -148,7 +169,7 @@ def _check_duplicates(messages: list[_Message], path: Path) -> None:
         )
 
 
-def _check_complete(messages: list[_Message], path: Path) -> None:
+def _check_complete(messages: list[GribMessage], path: Path) -> None:
     """Raise when some variable lacks a combination of its levels and members with the file's times and steps.
 
     Times come from the whole file, so a variable that misses a time step present for

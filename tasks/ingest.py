@@ -14,7 +14,8 @@ Steps of `ingest_era5`:
    place. A variable with missing values keeps them as NaN and gets a boolean
    `<var>_mask` variable. The temporary folder and a journal of finished chunks are named
    by the digest, so a run killed half way resumes where it stopped (`tasks.writer`).
-   GRIB files that `tasks.decode` supports are decoded and written by worker processes.
+   GRIB files that `tasks.decode` supports are indexed from their message headers
+   without cfgrib, then decoded and written on a dask cluster.
 6. Publish the catalog entry last, so an entry always points at a complete store.
 
 `tasks.append.append_era5` adds later time steps to a published dataset.
@@ -27,13 +28,16 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cfgrib
 import dask.array  # noqa: F401 - imported with the module (about 0.5 s) rather than inside the first ingest
@@ -47,6 +51,7 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from data_catalog.catalog import Catalog, content_digest, dataset_digest
+from data_catalog.locks import holds_dataset_lock
 from data_catalog.schema import DatasetEntry, GridInfo, Provenance, SourceFile, VariableInfo, VariableStatistics
 from data_catalog.workspace import package_versions, sha256_file
 from tasks import decode, grid, writer
@@ -62,10 +67,13 @@ from tasks.normalise import (
     summarise,
 )
 
+if TYPE_CHECKING:
+    from dask.distributed import Client
+
 logger = logging.getLogger(__name__)
 
 # Bump when a code change alters the written dataset, so older stores are not reused.
-INGEST_FORMAT_VERSION = 2
+INGEST_FORMAT_VERSION = 3
 
 GRIB_SUFFIXES = frozenset({".grib", ".grb", ".grib1", ".grib2", ".grb1", ".grb2"})
 NETCDF_SUFFIXES = frozenset({".nc", ".nc4", ".netcdf", ".cdf"})
@@ -95,7 +103,68 @@ CF_PRESSURE_LEVEL_NAMES = {
     "divergence_of_wind": "d",
     "atmosphere_relative_vorticity": "vo",
     "mass_fraction_of_ozone_in_air": "o3",
+    "specific_cloud_ice_water_content": "ciwc",
+    "specific_cloud_liquid_water_content": "clwc",
+    "specific_rain_water_content": "crwc",
+    "specific_snow_water_content": "cswc",
+    "fraction_of_cloud_cover": "cc",
+    "ertel_potential_vorticity": "pv",
 }
+# CF standard names used as variable names for ERA5 single-level fields, and the ERA5 short
+# name of each. A name whose meaning depends on the height above ground maps heights in m
+# to short names; the height comes from a scalar `height` coordinate or the long_name
+# ("2 metre temperature"). Without a height such a variable keeps its name.
+CF_SINGLE_LEVEL_NAMES: dict[str, str | dict[float, str]] = {
+    "air_temperature": {2.0: "t2m"},
+    "dew_point_temperature": {2.0: "d2m"},
+    "eastward_wind": {10.0: "u10", 100.0: "u100"},
+    "northward_wind": {10.0: "v10", 100.0: "v100"},
+    "wind_speed_of_gust": {10.0: "i10fg"},
+    "surface_air_pressure": "sp",
+    "air_pressure_at_mean_sea_level": "msl",
+    "surface_temperature": "skt",
+    "sea_surface_temperature": "sst",
+    "sea_ice_area_fraction": "ci",
+    "land_binary_mask": "lsm",
+    "surface_geopotential": "z",
+    "cloud_area_fraction": "tcc",
+    "atmosphere_boundary_layer_thickness": "blh",
+    "atmosphere_mass_content_of_water_vapor": "tcwv",
+    "lwe_thickness_of_precipitation_amount": "tp",
+    "lwe_thickness_of_water_evaporation_amount": "e",
+    "lwe_thickness_of_surface_snow_amount": "sd",
+    "integral_wrt_time_of_surface_downwelling_shortwave_flux_in_air": "ssrd",
+    "integral_wrt_time_of_surface_downwelling_longwave_flux_in_air": "strd",
+    "integral_wrt_time_of_toa_incoming_shortwave_flux": "tisr",
+}
+# ERA5 short names (ECMWF parameter database) that ingest keeps when no `variables` are
+# selected: the pressure-level parameters and the common single-level ones, with the
+# names cfgrib gives them (cfVarName: t2m, u10, siconc, fg10). Other variables, such as
+# derived fields that some NetCDF writers add, are skipped with a warning unless they are
+# selected by name.
+ERA5_SHORT_NAMES = frozenset(
+    {
+        # pressure levels
+        "z", "t", "u", "v", "w", "q", "r", "d", "vo", "o3", "cc", "ciwc", "clwc", "crwc", "cswc", "pv",
+        # single levels: temperature, wind, pressure
+        "t2m", "d2m", "skt", "sst", "mx2t", "mn2t", "u10", "v10", "u100", "v100", "i10fg", "fg10", "sp", "msl",
+        # clouds, columns and convection
+        "tcc", "lcc", "mcc", "hcc", "tcw", "tcwv", "tciw", "tclw", "tcrw", "tcsw", "tco3", "blh", "cape", "cin",
+        "cbh", "deg0l", "kx", "totalx",
+        # precipitation, evaporation, runoff and snow
+        "tp", "cp", "lsp", "crr", "lsrr", "csfr", "lssfr", "sf", "e", "pev", "es", "ro", "sro", "ssro", "smlt",
+        "sd", "rsn", "asn", "tsn", "ptype",
+        # radiation and surface fluxes
+        "ssrd", "strd", "ssr", "str", "tsr", "ttr", "tisr", "fdir", "cdir", "slhf", "sshf", "ewss", "nsss",
+        "zust", "fsr", "flsr",
+        # land, soil, sea ice and invariants
+        "stl1", "stl2", "stl3", "stl4", "swvl1", "swvl2", "swvl3", "swvl4", "src", "ci", "siconc", "lsm", "cl",
+        "sdor", "slor", "anor", "isor", "cvl", "cvh", "tvl", "tvh", "lai_lv", "lai_hv", "lict", "licd", "lmlt",
+        "lshf", "ltlt", "lmld", "slt", "sdfor", "chnk",
+        # ocean waves
+        "swh", "mwd", "mwp", "pp1d", "mp2", "wmb", "shww", "mdww", "mpww", "shts", "mdts", "mpts",
+    }
+)
 KEPT_VARIABLE_ATTRS = ("units", "long_name", "standard_name")
 # Level units that mean hPa, and the factor that converts other pressure units to hPa.
 HPA_UNITS = frozenset({"hPa", "hpa", "millibars", "millibar", "mbar", "mb"})
@@ -133,6 +202,7 @@ class IngestResult:
     zarr_path: Path
 
 
+@holds_dataset_lock("ingest")
 def ingest_era5(
     sources: Sequence[str | Path | xr.Dataset],
     name: str,
@@ -155,8 +225,9 @@ def ingest_era5(
     variable. A source may also be an opened dataset that carries a provenance record in
     `attrs[SOURCE_RECORD_ATTR]`, as `tasks.sources` opens CDS downloads and Zarr stores. Periods are inclusive `(start, end)` times that must lie inside the data and
     must not overlap. `test_period` None marks a dataset that is not evaluated, for
-    example a single time step. `variables` selects ERA5 short names (default: all).
-    Statistics come from `train_period` only.
+    example a single time step. `variables` selects variables by name. By default every
+    ERA5 parameter is kept and other variables are skipped with a warning (see
+    `select_variables`). Statistics come from `train_period` only.
 
     Grid options (`tasks.grid`): `area = (north, west, south, east)` in degrees crops the
     grid, also across the 180° or 0° meridian. `longitude_convention` is "-180..180"
@@ -171,11 +242,17 @@ def ingest_era5(
     dimension.
 
     `grib_decoder` chooses how GRIB data are decoded. "cfgrib" always decodes through
-    xarray and cfgrib. "eccodes" uses the parallel ecCodes path of `tasks.decode` wherever
-    it applies, and falls back to cfgrib with a log line otherwise. "auto" (default) acts
+    xarray and cfgrib. "eccodes" uses the ecCodes path of `tasks.decode` wherever it
+    applies, and falls back to cfgrib with a log line otherwise. "auto" (default) acts
     like "eccodes" once the dataset exceeds FAST_PATH_MIN_BYTES. Both give identical stores.
-    `scheduler_address` runs the ecCodes path on that dask.distributed scheduler instead
-    of a local process pool. Neither option is part of the digest.
+    The ecCodes path decodes and writes on a dask.distributed cluster: a local cluster of
+    one worker process per core, started once per ingest, or the existing cluster at
+    `scheduler_address` (tcp://HOST:PORT). While a local cluster starts, the statistics
+    pass decodes on threads of this process. Neither option is part of the digest.
+
+    The call holds the lock of `name` in the catalog's workspace (`data_catalog.locks`), so a
+    second ingest or append of the same name at the same time raises DatasetLockedError
+    at once, naming the lock file and its holder.
 
     Returns `reused=True` without writing when the catalog already has `name` with the
     same digest and its store is complete. A failure at any step leaves no new
@@ -194,7 +271,15 @@ def ingest_era5(
     if grib_decoder not in GRIB_DECODERS:
         raise ValueError(f"grib_decoder {grib_decoder!r} is unknown: use one of {list(GRIB_DECODERS)}")
 
-    source_files = [_describe_source(source) for source in paths]
+    if scheduler_address is None and grib_decoder != "cfgrib" and _all_grib(paths):
+        # The workers' forkserver imports its modules while the sources are hashed and indexed.
+        decode.prepare_local_workers()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # Without a published entry of `name` nothing can be reused, so the GRIB headers are
+        # indexed while the sources are hashed: hashlib and ecCodes release the GIL.
+        indexing = pool.submit(_open_fast, paths, time_chunk, grib_decoder) if name not in catalog else None
+        source_files = [_describe_source(source) for source in paths]
+        fast = indexing.result() if indexing is not None else None
     parameters = {
         "format_version": INGEST_FORMAT_VERSION,
         "variables": sorted(variables) if variables is not None else None,
@@ -215,7 +300,9 @@ def ingest_era5(
         return IngestResult(entry=reusable, reused=True, zarr_path=catalog.resolve_zarr_path(reusable))
 
     logger.info("ingesting %d source(s) into dataset %s (digest %s)", len(paths), name, digest[:12])
-    dataset = open_sources(paths, time_chunk)
+    if indexing is None:
+        fast = _open_fast(paths, time_chunk, grib_decoder)
+    dataset = open_sources(paths, time_chunk) if fast is None else fast[0]
     dataset = select_variables(dataset, variables, labels)
     where = _list_paths(labels)
     dataset = regrid(dataset, where, area, longitude_convention, coarsen_factor)
@@ -223,68 +310,86 @@ def ingest_era5(
     time_step, time_gaps = check_time_gaps(dataset[TIME].values, where, on_time_gaps)
     validate_periods(dataset, train, test)
 
-    plan = _plan_fast_path(paths, dataset, where, grib_decoder, (area, longitude_convention, coarsen_factor))
+    plan = None
+    if fast is not None:
+        plan = decode.plan_fast_path(
+            fast[1],
+            dataset,
+            lambda probe: regrid(probe, where, area, longitude_convention, coarsen_factor),
+            coarsen_factor,
+        )
 
     writer.discard_other_recipes(target, digest)
-    journal = writer.load_journal(target, digest)
-    if journal is None:
-        try:
-            if plan is not None:
-                summary = decode.summarise_fast(
-                    plan, dataset, _iso_period(train), normalisation, time_chunk, scheduler_address
-                )
-            else:
-                summary = summarise(dataset, _iso_period(train), normalisation)
-        except GribInternalError as error:
-            raise InvalidSourceError(f"cannot decode GRIB data from {where}: {error}") from error
-        statistics, missing = summary.statistics, summary.missing
-        entry = _build_entry(
-            dataset, name, target, (train, test), summary, (time_step, time_gaps), source_files, parameters, digest,
-            time_chunk,
-        )
-        journal = writer.IngestJournal(
-            digest=digest, entry=entry, time_chunk=time_chunk, region_count=-(-dataset.sizes[TIME] // time_chunk)
-        )
-    else:
-        # The statistics, missing-value counts and entry of the interrupted run are kept, so
-        # the resumed store is the one an uninterrupted run writes.
-        logger.info(
-            "resuming the ingest of %s: %d of %d time regions were written before it stopped",
-            name, len(journal.completed), journal.region_count,
-        )
-        entry = journal.entry
-        statistics = open_statistics(writer.temporary_store_path(target, digest))
-        missing = {variable: info.missing_values for variable, info in entry.variables.items()}
+    # The cluster is started once, in the background, and writes the store. The statistics
+    # pass runs on threads of this process while a local cluster starts, or on an existing
+    # cluster, so that it scales out with it.
+    cluster = decode.background_client(scheduler_address) if plan is not None else contextlib.nullcontext()
+    with cluster as starting:
+        journal = writer.load_journal(target, digest)
+        if journal is None:
+            try:
+                if plan is not None:
+                    runner = starting.result() if scheduler_address is not None else os.cpu_count() or 1
+                    summary = decode.summarise_fast(plan, dataset, _iso_period(train), normalisation, time_chunk, runner)
+                else:
+                    summary = summarise(dataset, _iso_period(train), normalisation)
+            except GribInternalError as error:
+                raise InvalidSourceError(f"cannot decode GRIB data from {where}: {error}") from error
+            statistics, missing = summary.statistics, summary.missing
+            entry = _build_entry(
+                dataset, name, target, (train, test), summary, (time_step, time_gaps), source_files, parameters,
+                digest, time_chunk,
+            )
+            journal = writer.IngestJournal(
+                digest=digest, entry=entry, time_chunk=time_chunk, region_count=-(-dataset.sizes[TIME] // time_chunk)
+            )
+        else:
+            # The statistics, missing-value counts and entry of the interrupted run are kept, so
+            # the resumed store is the one an uninterrupted run writes.
+            logger.info(
+                "resuming the ingest of %s: %d of %d time regions were written before it stopped",
+                name, len(journal.completed), journal.region_count,
+            )
+            entry = journal.entry
+            statistics = open_statistics(writer.temporary_store_path(target, digest))
+            missing = {variable: info.missing_values for variable, info in entry.variables.items()}
 
-    normalised = normalise(dataset, statistics).astype(np.float32)
-    normalised = add_masks(normalised, dataset, missing)
-    normalised.attrs = _store_attrs(entry)
-    fast = None
-    if plan is not None:
-        fast = (decode.PassContext(plan=plan, mode="write", statistics=statistics), scheduler_address)
-    published = _write_and_publish(normalised, statistics_dataset(statistics), journal, catalog, target, fast)
+        normalised = normalise(dataset, statistics).astype(np.float32)
+        normalised = add_masks(normalised, dataset, missing)
+        normalised.attrs = _store_attrs(entry)
+        workers = None
+        if plan is not None:
+            workers = (decode.PassContext(plan=plan, mode="write", statistics=statistics), starting.result())
+        published = _write_and_publish(normalised, statistics_dataset(statistics), journal, catalog, target, workers)
     return IngestResult(entry=published, reused=False, zarr_path=target)
 
 
-def _plan_fast_path(
-    paths: Sequence[Path | xr.Dataset],
-    dataset: xr.Dataset,
-    where: str,
-    grib_decoder: str,
-    grid_options: tuple[Sequence[float] | None, str, int],
-) -> decode.FastPlan | None:
-    """Return the plan of the parallel ecCodes path when `grib_decoder` selects it and it applies, else None."""
+def _all_grib(paths: Sequence[Path | xr.Dataset]) -> bool:
+    return all(isinstance(path, Path) and path.suffix.lower() in GRIB_SUFFIXES for path in paths)
+
+
+def _open_fast(
+    paths: Sequence[Path | xr.Dataset], time_chunk: int, grib_decoder: str
+) -> tuple[xr.Dataset, decode.FastPlan] | None:
+    """Return the canonical dataset and plan of the ecCodes path when `grib_decoder` selects it and it applies, else None."""
     if grib_decoder == "cfgrib":
         return None
+    if not _all_grib(paths):
+        logger.info("ingest decodes with cfgrib, not the fast ecCodes path, because a source is not a GRIB file")
+        return None
+    try:
+        fast = decode.open_grib_fast(paths, time_chunk, canonicalise)
+    except GribInspectionError as error:
+        raise InvalidSourceError(str(error)) from error
+    if fast is None:
+        return None
+
+    dataset = fast[0]
+    validate_combined(dataset, paths)
     size = sum(values.size * 4 for values in dataset.data_vars.values())
     if grib_decoder == "auto" and size < FAST_PATH_MIN_BYTES:
         return None
-    area, longitude_convention, coarsen_factor = grid_options
-
-    def transform(probe: xr.Dataset) -> xr.Dataset:
-        return regrid(canonicalise(probe, where), where, area, longitude_convention, coarsen_factor)
-
-    return decode.plan_fast_path(paths, dataset, transform, coarsen_factor)
+    return fast
 
 
 # --- sources: decoding and canonical form -------------------------------------------------
@@ -448,23 +553,35 @@ def canonicalise(dataset: xr.Dataset, path: Path) -> xr.Dataset:
 
 
 def _era5_short_names(dataset: xr.Dataset, path: Path | str) -> xr.Dataset:
-    """Rename pressure-level variables named by their CF standard name to ERA5 short names.
+    """Rename variables named by their CF standard name to ERA5 short names.
 
     Some NetCDF writers (pycontrails, for example) name ERA5 fields `air_temperature`,
-    `eastward_wind` and so on. Only variables with a `level` dimension are renamed, because
-    a CF name such as `air_temperature` also fits surface fields (t2m, skt), and a name
-    is kept when its short name exists already.
+    `eastward_wind` and so on. Variables with a `level` dimension follow
+    CF_PRESSURE_LEVEL_NAMES, the others CF_SINGLE_LEVEL_NAMES, where `air_temperature` at a
+    height of 2 m becomes t2m. A name is kept when its short name exists already.
     """
-    if LEVEL not in dataset.dims:
-        return dataset
-    renames = {
-        name: short
-        for name, short in CF_PRESSURE_LEVEL_NAMES.items()
-        if name in dataset.data_vars and LEVEL in dataset[name].dims and short not in dataset.variables
-    }
+    renames = {}
+    for name, values in dataset.data_vars.items():
+        if LEVEL in values.dims:
+            short = CF_PRESSURE_LEVEL_NAMES.get(str(name))
+        else:
+            short = CF_SINGLE_LEVEL_NAMES.get(str(name))
+            if isinstance(short, dict):
+                short = short.get(_height_above_ground(values))
+        if short is not None and short not in dataset.variables and short not in renames.values():
+            renames[str(name)] = short
     if renames:
         logger.info("renaming CF standard names in %s to ERA5 short names: %s", path, renames)
     return dataset.rename(renames)
+
+
+def _height_above_ground(values: xr.DataArray) -> float | None:
+    """Return the height in m of a single-level field, from a scalar `height` coordinate or the long_name, else None."""
+    height = values.coords.get("height")
+    if height is not None and height.ndim == 0 and str(height.attrs.get("units", "m")) in ("m", "metre", "meters", "metres"):
+        return float(height.values)
+    match = re.search(r"\b(\d+) ?(?:metre|meter|m)\b", str(values.attrs.get("long_name", "")))
+    return float(match.group(1)) if match else None
 
 
 def _check_regular_grid(dataset: xr.Dataset, path: Path | str) -> None:
@@ -743,12 +860,14 @@ def _check_variables_cover_times(datasets: Sequence[xr.Dataset], paths: Sequence
 
 
 def select_variables(dataset: xr.Dataset, variables: list[str] | None, paths: Sequence[Path]) -> xr.Dataset:
-    """Keep the requested variables, or all of them when `variables` is None.
+    """Keep the requested variables, or every ERA5 parameter (ERA5_SHORT_NAMES) when `variables` is None.
 
-    Raises InvalidSourceError naming the missing variables and listing the available ones.
+    With `variables` None, the other variables are skipped with a warning that names them
+    and says how to keep them. Raises InvalidSourceError naming the missing variables and
+    listing the available ones, or when no variable is an ERA5 parameter.
     """
     if variables is None:
-        return dataset
+        return _drop_unknown_parameters(dataset, paths)
     if not variables:
         raise ValueError("variables is an empty list. Pass None to keep all variables.")
     missing = [variable for variable in variables if variable not in dataset.data_vars]
@@ -758,6 +877,25 @@ def select_variables(dataset: xr.Dataset, variables: list[str] | None, paths: Se
             f"(available: {sorted(map(str, dataset.data_vars))})"
         )
     return dataset[list(variables)]
+
+
+def _drop_unknown_parameters(dataset: xr.Dataset, paths: Sequence[Path]) -> xr.Dataset:
+    available = sorted(map(str, dataset.data_vars))
+    unknown = [name for name in available if name not in ERA5_SHORT_NAMES]
+    if not unknown:
+        return dataset
+    if len(unknown) == len(available):
+        raise InvalidSourceError(
+            f"no variable of {_list_paths(paths)} is an ERA5 parameter (variables: {available}). Select the "
+            "variables to ingest by name with `variables` (`--variables`)."
+        )
+    kept = [name for name in available if name not in unknown]
+    logger.warning(
+        "skipping variables %s of %s: they are not ERA5 parameters (tasks.ingest.ERA5_SHORT_NAMES). To ingest "
+        "them, select them by name with `variables` (`--variables`), for example %s",
+        unknown, _list_paths(paths), kept + unknown,
+    )
+    return dataset[[name for name in dataset.data_vars if str(name) in kept]]
 
 
 def validate_periods(
@@ -1005,7 +1143,7 @@ def _write_and_publish(
     journal: writer.IngestJournal,
     catalog: Catalog,
     target: Path,
-    fast: tuple[decode.PassContext, str | None] | None = None,
+    workers: tuple[decode.PassContext, Client] | None = None,
 ) -> DatasetEntry:
     """Write the store into its temporary folder, swap it into place, then publish and return the entry.
 
@@ -1020,8 +1158,7 @@ def _write_and_publish(
     different recipe. The store of the old entry is removed after the new entry is
     published when it lies elsewhere (an appended version, see `tasks.append`).
 
-    NOTE: no lock guards two concurrent ingests of the same name. A race between them can
-    leave an entry whose digest differs from the store's, which Catalog.open_dataset rejects.
+    The caller holds the dataset lock of the name, so no other ingest writes beside it.
     """
     entry = journal.entry
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -1030,7 +1167,7 @@ def _write_and_publish(
     moved_into_place = False
     old_store = _published_store(catalog, entry.name)
     try:
-        _write_zarr(dataset, statistics_arrays, temporary, journal, target, fast)
+        _write_zarr(dataset, statistics_arrays, temporary, journal, target, workers)
         entry = finish_store(temporary, entry, catalog)
 
         if target.exists():
@@ -1071,15 +1208,15 @@ def _write_zarr(
     path: Path,
     journal: writer.IngestJournal,
     target: Path,
-    fast: tuple[decode.PassContext, str | None] | None = None,
+    workers: tuple[decode.PassContext, Client] | None = None,
 ) -> None:
     """Write Zarr format 3 in chunks of `time_chunk` steps by the whole grid, one time region at a time.
 
     A new store is created first: the first `to_zarr` call creates the arrays and writes
     the coordinates, and local statistics arrays go to the child group `statistics`, one
-    chunk per month. Then each region not yet in the journal is computed and written, and
-    the journal is saved after it. With `fast` (the write context of `tasks.decode` and a
-    scheduler address or None), worker processes decode, normalise and write the regions.
+    chunk per month. Then each region not yet in the journal is computed, written and
+    recorded in the journal (`writer.record_region`). With `workers` (the write context of `tasks.decode` and
+    a dask client), the cluster's workers decode, normalise and write the regions.
     """
     time_chunk = journal.time_chunk
     if not journal.completed and not writer.journal_path(target, journal.digest).exists():
@@ -1100,21 +1237,19 @@ def _write_zarr(
         writer.save_journal(target, journal)
 
     time_count = dataset.sizes[TIME]
-    if fast is not None:
-        context, scheduler_address = fast
+    if workers is not None:
+        context, client = workers
         context = dataclasses.replace(context, store=str(path), token=uuid.uuid4().hex)
         regions = [(index, *_bounds(writer.region_bounds(index, time_chunk, time_count))) for index in journal.pending()]
-        for index, _ in decode.run_pass(context, regions, scheduler_address):
-            journal.completed.add(index)
-            writer.save_journal(target, journal)
+        for index, _ in decode.run_pass(context, regions, client):
+            writer.record_region(target, journal, index)
         return
 
     data = dataset[list(dataset.data_vars)].drop_vars([MEMBER, LEVEL, LATITUDE, LONGITUDE], errors="ignore")
     for index in tqdm(journal.pending(), desc=f"writing {path.name}", unit="region", disable=None):
         region = writer.region_bounds(index, time_chunk, time_count)
         data.isel({TIME: region}).to_zarr(path, region={TIME: region}, consolidated=False)
-        journal.completed.add(index)
-        writer.save_journal(target, journal)
+        writer.record_region(target, journal, index)
 
 
 # --- small helpers ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ float32 as the minimum. Boolean variables (missing-value masks) pass through unc
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -326,6 +326,101 @@ def denormalise_array(
     values = np.asarray(values)
     dtype = np.result_type(values.dtype, np.float32)
     return (values.astype(np.float64) * std + mean).astype(dtype)
+
+
+def denormalise_window(
+    values: np.ndarray,
+    statistics: Statistics,
+    channels: Sequence[tuple[str, int | None]],
+    times: np.ndarray | None,
+    latitude: np.ndarray,
+    longitude: np.ndarray,
+) -> np.ndarray:
+    """Return normalised sample windows in float64 physical units, `z * std + mean`, channel by channel.
+
+    values: [B, C, T, H, W] normalised values. channels: (variable, level index or None)
+    of each of the C channels, the level index in the dataset's level order. times: [B, T]
+    datetime64 valid times of each sample's steps. latitude [H] and longitude [W]: the
+    coordinates of the samples' crop, which select the grid points of local statistics.
+
+    A global channel uses its level's mean and std. A local channel uses, at each step and
+    grid point, the statistics of the step's calendar month at that point. `times` may be
+    None when every channel is global. Raises ValueError for a local channel without
+    times or whose statistics lack a month of `times`, and KeyError for a crop outside
+    the statistics' grid. Local statistics must be loaded (`open_statistics`).
+    """
+    values = np.asarray(values)
+    if values.ndim != 5 or values.shape[1] != len(channels):
+        raise ValueError(f"values must be [B, C, T, H, W] with C = {len(channels)} channels, got shape {values.shape}")
+    result = np.empty(values.shape, dtype=np.float64)
+    for index, (variable, level_index) in enumerate(channels):
+        entry = _variable_statistics(statistics, variable)
+        if _scheme(entry, variable) == "global":
+            mean, std = _level_statistics(statistics, variable, level_index)
+        else:
+            mean, std = _local_window_statistics(entry, variable, level_index, times, latitude, longitude)
+        result[:, index] = values[:, index].astype(np.float64) * std + mean
+    return result
+
+
+def _local_window_statistics(
+    entry: Mapping[str, Any],
+    variable: str,
+    level_index: int | None,
+    times: np.ndarray | None,
+    latitude: np.ndarray,
+    longitude: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return mean and std [B, T, H, W] of a local channel for the steps `times` [B, T] on the crop's grid."""
+    if times is None:
+        raise ValueError(f"variable {variable!r} is normalised with the local scheme, so denormalising needs the times")
+    mean, std = entry.get("mean"), entry.get("std")
+    if not isinstance(mean, xr.DataArray) or not isinstance(std, xr.DataArray):
+        raise ValueError(
+            f"the local statistics of variable {variable!r} are not loaded: read them with "
+            "tasks.normalise.open_statistics(path)"
+        )
+    times = np.asarray(times)
+    positions = _month_positions(times.ravel(), mean[MONTH_DIM].values, variable).reshape(times.shape)
+    arrays = []
+    for statistic in (mean, std):
+        if LEVEL_DIM in statistic.dims:
+            if level_index is None and statistic.sizes[LEVEL_DIM] > 1:
+                raise ValueError(f"variable {variable!r} has local statistics for several levels, so pass a level index")
+            statistic = statistic.isel({LEVEL_DIM: level_index or 0})
+        try:
+            statistic = statistic.sel({LATITUDE_DIM: latitude, LONGITUDE_DIM: longitude})
+        except KeyError as error:
+            raise KeyError(
+                f"the crop's grid is not part of the grid of the local statistics of variable {variable!r}: {error}"
+            ) from None
+        grid = statistic.transpose(MONTH_DIM, LATITUDE_DIM, LONGITUDE_DIM).values
+        arrays.append(grid[positions])
+    return arrays[0], arrays[1]
+
+
+def dataset_statistics(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
+    """Return the statistics of a dataset written by `tasks.ingest`, with the arrays of its local entries loaded.
+
+    Global statistics come from `ds.attrs["statistics"]`. Local ones are read from the
+    `statistics` group of the Zarr store that `ds` was opened from (`ds.encoding["source"]`).
+    """
+    document = ds.attrs.get("statistics")
+    if not isinstance(document, dict):
+        raise ValueError(
+            "dataset attrs have no 'statistics' mapping: use a dataset written by tasks.ingest, whose statistics "
+            "are needed to denormalise"
+        )
+    statistics = {variable: dict(entry) for variable, entry in document.items()}
+    if all(_scheme(entry, variable) == "global" for variable, entry in statistics.items()):
+        return statistics
+    source = ds.encoding.get("source")
+    if source is None:
+        raise ValueError(
+            "the dataset has locally normalised variables, whose statistics arrays live in its Zarr store, but it "
+            "was not opened from a store (no encoding['source']). Open it with xr.open_zarr or Catalog.open_dataset."
+        )
+    return open_statistics(source)
 
 
 def _standardise(values: xr.DataArray, statistics: Statistics, *, inverse: bool) -> xr.DataArray:

@@ -1,4 +1,4 @@
-"""PNG figures of zero-shot evaluation results: example maps and skill curves.
+"""PNG figures: zero-shot example maps, skill curves and masked autoencoder reconstructions.
 
 Figures are drawn on matplotlib's Agg canvas directly, without pyplot, so plotting
 changes no global backend state and works without a display. Every PNG is written to a
@@ -133,4 +133,35 @@ def plot_skill(scores: xr.Dataset, path: str | Path, metric: str = "rmse") -> Pa
         ax.set_ylabel(f"{metric.upper()} ({', '.join(units)})" if units else metric.upper())
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
+    return _save_atomically(figure, Path(path))
+
+
+def plot_reconstructions(columns: dict[str, np.ndarray], path: str | Path, title: str | None = None) -> Path:
+    """Draw one row per image and one column per panel, such as original, masked input and reconstruction.
+
+    columns: column title -> RGB images [n, H, W, 3] with values in [0, 1], the same n
+    for every column (`models.mae.Reconstructions.columns()` has this form). Each cell
+    takes 2 x 2 inches at 100 dpi and a title adds 0.4 inches, so the PNG is
+    200 * columns pixels wide and 200 * n (+ 40 with a title) pixels high. Returns the path written.
+    """
+    if not columns:
+        raise ValueError("columns is empty: give at least one panel of images [n, H, W, 3]")
+    shapes = {name: np.shape(images) for name, images in columns.items()}
+    invalid = {name: shape for name, shape in shapes.items() if len(shape) != 4 or shape[-1] != 3}
+    if invalid:
+        raise ValueError(f"panels {invalid} are not RGB images [n, H, W, 3]")
+    counts = {shape[0] for shape in shapes.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(f"panels must contain the same positive number of images, got shapes {shapes}")
+
+    rows = counts.pop()
+    figure = Figure(figsize=(2.0 * len(columns), 2.0 * rows + (0.4 if title else 0.0)), layout="constrained")
+    axes = figure.subplots(rows, len(columns), squeeze=False)
+    for column, (name, images) in enumerate(columns.items()):
+        axes[0, column].set_title(name, fontsize="small")
+        for row in range(rows):
+            axes[row, column].imshow(np.clip(images[row], 0.0, 1.0), interpolation="nearest")
+            axes[row, column].set_axis_off()
+    if title:
+        figure.suptitle(title)
     return _save_atomically(figure, Path(path))

@@ -1,7 +1,14 @@
 """Launch `models.train` under torchrun and stream its log.
 
 torchrun runs in its own process group (a new session), so cancelling the launching
-flow run, or any exception in the launcher, terminates every training process.
+flow run, or any exception in the launcher, terminates every training process on this
+node. torchrun's agent restarts all workers up to `max_restarts` times when one fails,
+and they resume from the last checkpoint.
+
+A single-node job uses `torchrun --standalone`. A multi-node job starts the same launcher
+on every node with the same `rdzv_id` and `rdzv_endpoint` (see `Rendezvous`), and its
+output folder must be on storage that every node reads, because every rank resumes from
+the checkpoint that rank 0 writes.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +30,64 @@ class TrainingFailed(RuntimeError):
     """torchrun exited with a non-zero status."""
 
 
+@dataclass(frozen=True)
+class Rendezvous:
+    """Rendezvous settings through which the nodes of a torchrun job find each other (`--rdzv-*`).
+
+    `nnodes` is a count such as "2", or "MIN:MAX" for an elastic job. With one node and no
+    endpoint, the job is standalone: torchrun starts its own rendezvous on a free local
+    port. `node_rank` is needed by the static backend only; c10d assigns ranks itself.
+    """
+
+    nnodes: str = "1"
+    node_rank: int | None = None
+    backend: str = "c10d"
+    endpoint: str | None = None
+    run_id: str = "atmorep"
+    max_restarts: int = 0
+
+    @property
+    def standalone(self) -> bool:
+        return self.nnodes == "1" and self.endpoint is None
+
+    def arguments(self) -> list[str]:
+        """Return the torchrun options for this rendezvous."""
+        if self.standalone:
+            options = ["--standalone"]
+        else:
+            options = [
+                f"--nnodes={self.nnodes}",
+                f"--rdzv-backend={self.backend}",
+                f"--rdzv-endpoint={self.endpoint}",
+                f"--rdzv-id={self.run_id}",
+            ]
+            if self.node_rank is not None:
+                options.append(f"--node-rank={self.node_rank}")
+        return [*options, f"--max-restarts={self.max_restarts}"]
+
+
 def torchrun_command(
     config_path: Path,
     output_dir: Path,
     nproc_per_node: int,
     init_checkpoint: Path | None = None,
+    rendezvous: Rendezvous | None = None,
+    dataset_path: Path | None = None,
 ) -> list[str]:
-    """Return the torchrun command line for one single-node training job."""
+    """Return the torchrun command line that runs this node's share of a training job."""
+    rendezvous = rendezvous or Rendezvous()
     command = [
         sys.executable, "-m", "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc_per_node}",
+        *rendezvous.arguments(),
+        f"--nproc-per-node={nproc_per_node}",
         "-m", "models.train",
         "--config", str(config_path),
         "--output-dir", str(output_dir),
     ]
     if init_checkpoint is not None:
         command += ["--init-checkpoint", str(init_checkpoint)]
+    if dataset_path is not None:
+        command += ["--dataset-path", str(dataset_path)]
     return command
 
 
@@ -50,20 +99,27 @@ def launch_training(
     tracking_uri: str | None = None,
     init_checkpoint: Path | None = None,
     run_logger: logging.Logger | logging.LoggerAdapter | None = None,
+    rendezvous: Rendezvous | None = None,
+    dataset_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Train with `torchrun --nproc_per_node=N` and return the contents of `done.json`.
+    """Train with `torchrun --nproc-per-node=N` and return the contents of `done.json`.
 
     `config` is a `models.config.RunConfig` dumped to JSON-compatible types. Rank 0 logs
     metrics to `mlflow_run_id`. The training log goes to `output_dir/train.log` and to
-    `run_logger`. Training resumes from `checkpoint.pt` when `output_dir` already contains one.
+    `run_logger`. Training resumes from `checkpoint.pt` when `output_dir` already contains
+    one. `dataset_path` replaces the catalog entry `train.dataset` with a Zarr store.
     """
+    rendezvous = rendezvous or Rendezvous()
     run_logger = run_logger or logger
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = output_dir / "config.json"
     config_path.write_text(json.dumps(config, indent=2))
 
     env = dict(os.environ)
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if rendezvous.standalone:
+        # A single-node job talks over loopback. Across nodes, gloo picks the interface
+        # that resolves the host name unless GLOO_SOCKET_IFNAME is set by the caller.
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("ATMOREP_MLFLOW_RUN_ID", None)
     if mlflow_run_id:
@@ -71,7 +127,7 @@ def launch_training(
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
 
-    command = torchrun_command(config_path, output_dir, nproc_per_node, init_checkpoint)
+    command = torchrun_command(config_path, output_dir, nproc_per_node, init_checkpoint, rendezvous, dataset_path)
     run_logger.info("Starting training: %s", " ".join(command))
     log_path = output_dir / "train.log"
 

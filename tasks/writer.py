@@ -2,8 +2,8 @@
 
 `ingest_era5` writes a dataset into `.<name>.zarr.tmp-<digest>` beside its target, one
 time region (one chunk of `time_chunk` steps by the whole grid) at a time. After it
-creates the store and after each region, it rewrites the journal
-`.<name>.zarr.journal-<digest>.json` atomically. The journal contains the catalog entry
+creates the store, and then at most every SAVE_INTERVAL_S seconds as regions finish, it
+rewrites the journal `.<name>.zarr.journal-<digest>.json` atomically. The journal contains the catalog entry
 (and so the statistics) and the indices of the finished regions. A run of the same recipe
 after a hard kill (`kill -9`, out of memory, power loss) finds both files, keeps the
 entry and statistics, and writes only the regions that the journal does not list.
@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,10 @@ logger = logging.getLogger(__name__)
 JOURNAL_FORMAT_VERSION = 1
 # Characters of the recipe digest in the names of temporary stores and journals.
 _DIGEST_CHARACTERS = 16
+# `record_region` saves the journal at most once per this many seconds, so a hard kill loses
+# at most this much finished work, and a fast ingest does not spend its time rewriting the
+# journal (measured at 3-10 ms per save with fsync on 2 busy cores).
+SAVE_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -42,6 +47,9 @@ class IngestJournal:
     time_chunk: int
     region_count: int
     completed: set[int] = field(default_factory=set)
+    # time.monotonic() of the last save, and the entry as JSON values, dumped once.
+    saved_at: float = field(default=float("-inf"), repr=False, compare=False)
+    _entry_document: dict | None = field(default=None, repr=False, compare=False)
 
     def pending(self) -> list[int]:
         """Return the indices of the regions still to write, in order."""
@@ -58,16 +66,30 @@ def journal_path(target: Path, digest: str) -> Path:
 
 
 def save_journal(target: Path, journal: IngestJournal) -> None:
-    """Write the journal atomically, so a kill leaves the previous or the new version, never a partial one."""
+    """Write the journal atomically, so a kill leaves the previous or the new version, never a partial one.
+
+    The write skips fsync: after a power loss the journal may be missing or empty, and
+    `load_journal` then starts the ingest again.
+    """
+    if journal._entry_document is None:
+        journal._entry_document = journal.entry.model_dump(mode="json")
     document = {
         "format_version": JOURNAL_FORMAT_VERSION,
         "digest": journal.digest,
         "time_chunk": journal.time_chunk,
         "region_count": journal.region_count,
         "completed": sorted(journal.completed),
-        "entry": journal.entry.model_dump(mode="json"),
+        "entry": journal._entry_document,
     }
-    atomic_write_text(journal_path(target, journal.digest), json.dumps(document, indent=1))
+    atomic_write_text(journal_path(target, journal.digest), json.dumps(document, indent=1), durable=False)
+    journal.saved_at = time.monotonic()
+
+
+def record_region(target: Path, journal: IngestJournal, index: int) -> None:
+    """Mark region `index` as written, and save the journal when SAVE_INTERVAL_S has passed or no region is left."""
+    journal.completed.add(index)
+    if len(journal.completed) == journal.region_count or time.monotonic() - journal.saved_at >= SAVE_INTERVAL_S:
+        save_journal(target, journal)
 
 
 def load_journal(target: Path, digest: str) -> IngestJournal | None:
@@ -116,8 +138,8 @@ def discard(target: Path, digest: str) -> None:
 def discard_other_recipes(target: Path, digest: str) -> None:
     """Remove temporary stores and journals that interrupted ingests of other recipes left beside `target`.
 
-    NOTE: no lock guards concurrent ingests, so this also removes the temporary store of
-    another recipe that is being written at the same moment.
+    Call it while holding the dataset lock of the name (`data_catalog.locks`), so no other
+    ingest is writing one of them.
     """
     keep = {temporary_store_path(target, digest).name, journal_path(target, digest).name}
     prefixes = (f".{target.name}.tmp-", f".{target.name}.journal-")

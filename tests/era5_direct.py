@@ -118,14 +118,17 @@ EXPECTED_SHORT_NAMES = {
     "lagrangian_tendency_of_air_pressure": "w",
     "specific_humidity": "q",
     "geopotential": "z",
+    "specific_cloud_ice_water_content": "ciwc",
 }
+# Variables of the sample files that are not ERA5 parameters, which ingest skips unless selected.
+NOT_ERA5_PARAMETERS = frozenset({"tau_cirrus"})
 
 
 def netcdf_points(path: Path, rng: np.random.Generator, per_variable: int = 60) -> list[Point]:
     """Sample points of every gridded variable of `path`, unpacking scale_factor, add_offset and _FillValue by hand.
 
     Pressure-level variables named by a CF standard name are reported under the ERA5
-    short name that ingest stores them as.
+    short name that ingest stores them as, and NOT_ERA5_PARAMETERS are left out.
     """
     points = []
     with h5netcdf.File(path, "r") as file:
@@ -139,7 +142,7 @@ def netcdf_points(path: Path, rng: np.random.Generator, per_variable: int = 60) 
             coordinates["level"] = file.variables["level"][:].astype(np.float64) * NETCDF_LEVEL_UNITS_TO_HPA[units]
 
         for name, variable in file.variables.items():
-            if not {"time", "latitude", "longitude"} <= set(variable.dimensions):
+            if not {"time", "latitude", "longitude"} <= set(variable.dimensions) or name in NOT_ERA5_PARAMETERS:
                 continue
             values = _unpack(variable)
             for flat in rng.choice(values.size, size=min(per_variable, values.size), replace=False):

@@ -14,7 +14,7 @@ from torch import nn
 
 from models.atmorep import AtmoRep
 from models.config import RunConfig
-from models.data import time_features
+from models.data import calendar_features
 from tasks.evaluate import EvaluationResult, evaluate_zero_shot
 from tasks.plots import plot_maps, plot_skill
 
@@ -58,15 +58,15 @@ class TruthOracle(nn.Module):
         super().__init__()
         _, height, width = config.model.sample_shape
         self.values = torch.from_numpy(ds["t2m"].values[None, :, :height, :width].copy())
-        self.features = torch.from_numpy(time_features(ds["time"].values))
+        self.features = torch.from_numpy(calendar_features(ds["time"].values))
 
-    def forward(self, x, mask, features):
-        steps = x.shape[2]
+    def forward(self, inputs, masks, features):
+        steps = inputs["t2m"].shape[2]
         windows = []
         for sample_features in features:
             start = int((self.features - sample_features[0]).abs().sum(dim=1).argmin())
             windows.append(self.values[:, start : start + steps])
-        return torch.stack(windows).to(x.device)
+        return {"t2m": torch.stack(windows)[:, None]}
 
 
 class PersistenceOracle(nn.Module):
@@ -76,24 +76,39 @@ class PersistenceOracle(nn.Module):
         super().__init__()
         self.token_steps = token_steps
 
-    def forward(self, x, mask, features):
+    def forward(self, inputs, masks, features):
+        x, mask = inputs["t2m"], masks["t2m"]
         masked_time_tokens = mask[0, 0, :, 0, 0].nonzero().flatten()
         first_masked_step = int(masked_time_tokens[0]) * self.token_steps
         output = x.clone()
         output[:, :, first_masked_step:] = x[:, :, first_masked_step - 1 : first_masked_step]
-        return output
+        return {"t2m": output[:, None]}
 
 
 class RecordingModel(nn.Module):
-    """Record every input and mask, and predict zeros (the training-period mean)."""
+    """Record the first field's input and mask, and predict zeros (the training-period mean)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, x, mask, features):
-        self.calls.append((x.clone(), mask.clone()))
-        return torch.zeros_like(x)
+    def forward(self, inputs, masks, features):
+        first = next(iter(inputs))
+        self.calls.append((inputs[first].clone(), masks[first].clone()))
+        return {name: torch.zeros_like(x)[:, None] for name, x in inputs.items()}
+
+
+class EnsembleOracle(nn.Module):
+    """Return the truth plus and minus a fixed offset as two members: mean exact, spread known."""
+
+    def __init__(self, truth: TruthOracle, offset: float) -> None:
+        super().__init__()
+        self.truth = truth
+        self.offset = offset
+
+    def forward(self, inputs, masks, features):
+        window = self.truth(inputs, masks, features)["t2m"]
+        return {"t2m": torch.cat([window - self.offset, window + self.offset], dim=1)}
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +171,7 @@ def test_persistence_rmse_hand_computed(truth_result, raw_t2m, config):
 
 def test_persistence_oracle_matches_baseline(uk_dataset, config):
     result = evaluate_zero_shot(
-        PersistenceOracle(config.model.token_shape[0]), config, uk_dataset, tasks=("forecast",)
+        PersistenceOracle(config.model.token_steps), config, uk_dataset, tasks=("forecast",)
     )
     for lead in range(1, 7):
         model = result.metrics[f"forecast/rmse/t2m/lead_{lead}h"]
@@ -246,14 +261,75 @@ def test_rejects_dataset_without_statistics(uk_dataset, config):
         evaluate_zero_shot(RecordingModel(), config, bare)
 
 
-def test_rejects_local_statistics(uk_dataset, config):
+def test_local_statistics_need_store(uk_dataset, config):
     local = uk_dataset.copy()
     local.attrs = {
         **uk_dataset.attrs,
         "statistics": {"t2m": {"scheme": "local", "months": [3], "count": [931392], "group": "statistics"}},
     }
-    with pytest.raises(ValueError, match="'local' scheme"):
+    with pytest.raises(ValueError, match="not opened from a store"):
         evaluate_zero_shot(RecordingModel(), config, local)
+
+
+@pytest.fixture(scope="module")
+def local_store(uk_t2m_grib, tmp_path_factory):
+    """The UK series ingested with local normalisation (per calendar month and grid point): its store path."""
+    from data_catalog import Catalog
+    from tasks.ingest import ingest_era5
+
+    catalog = Catalog(tmp_path_factory.mktemp("local"))
+    result = ingest_era5(
+        [uk_t2m_grib], "uk-local", TRAIN_PERIOD, TEST_PERIOD, catalog=catalog, normalisation={"t2m": "local"}
+    )
+    return result.zarr_path
+
+
+def test_local_statistics_denormalised_per_point(local_store, raw_t2m, config):
+    from tasks.normalise import open_statistics
+
+    with xr.open_zarr(local_store, consolidated=False) as ds:
+        result = evaluate_zero_shot(RecordingModel(), config, ds, tasks=("forecast",))
+
+    # Windows start every 6 steps; lead 1 h scores step 6 of each window. The model predicts
+    # zeros, which denormalise to the March mean of each grid point.
+    steps, height, width = config.model.sample_shape
+    test = raw_t2m.sel(time=slice(*TEST_PERIOD)).values[:, :height, :width].astype(np.float64)
+    march_mean = open_statistics(local_store)["t2m"]["mean"].sel(month=3).values[:height, :width]
+    starts = np.arange(0, test.shape[0] - steps + 1, 6)
+    cosine = np.cos(np.deg2rad(raw_t2m.latitude.values[:height]))
+    weights = (cosine / cosine.mean())[None, :, None]
+
+    def weighted_rmse(errors):
+        return np.sqrt((weights * errors**2).mean() / weights.mean())
+
+    assert march_mean.std() > 1.0
+    assert result.metrics["forecast/rmse/t2m/lead_1h"] == pytest.approx(
+        weighted_rmse(test[starts + 6] - march_mean), rel=1e-5
+    )
+    assert result.metrics["forecast/rmse_persistence/t2m/lead_1h"] == pytest.approx(
+        weighted_rmse(test[starts + 6] - test[starts + 5]), rel=1e-5
+    )
+
+
+def test_denormalise_window_matches_dataset_denormalise(local_store):
+    from tasks.normalise import denormalise, denormalise_window, open_statistics
+
+    statistics = open_statistics(local_store)
+    with xr.open_zarr(local_store, consolidated=False) as ds:
+        steps = ds[["t2m"]].isel(time=slice(500, 516)).load()
+    crop = {"latitude": slice(4, 12), "longitude": slice(8, 24)}
+    expected = denormalise(steps, statistics)["t2m"].isel(crop).values
+    window = steps["t2m"].isel(crop)
+
+    values = window.values[None, None]
+    physical = denormalise_window(
+        values, statistics, [("t2m", None)], window["time"].values[None], window["latitude"].values,
+        window["longitude"].values,
+    )
+
+    np.testing.assert_allclose(physical[0, 0], expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="needs the times"):
+        denormalise_window(values, statistics, [("t2m", None)], None, window["latitude"].values, window["longitude"].values)
 
 
 def test_rejects_dataset_without_test_period(uk_dataset, config):
@@ -296,9 +372,8 @@ def pressure_level_dataset(data_mirror) -> xr.Dataset:
 
 
 def test_pressure_levels_named_and_denormalised(pressure_level_dataset, data_mirror):
-    config = RunConfig.model_validate(
-        {"model": {"variables": ["u", "u10"], "levels": {"u": [500, 850]}, "sample_shape": [12, 32, 40]}}
-    )
+    fields = [{"name": "u", "levels": [500, 850], "num_tokens": [6, 4, 5]}, {"name": "u10", "num_tokens": [6, 4, 5]}]
+    config = RunConfig.model_validate({"model": {"fields": fields}})
     result = evaluate_zero_shot(RecordingModel(), config, pressure_level_dataset, tasks=("forecast",))
     assert result.scores["variable"].values.tolist() == ["u500", "u850", "u10"]
     assert "forecast/rmse_persistence/u850/lead_1h" in result.metrics
@@ -322,3 +397,27 @@ def test_scores_round_trip_netcdf(truth_result, tmp_path):
         assert stored["forecast_rmse"].attrs["baseline"] == "persistence"
         assert stored["units"].values.tolist() == ["K"]
         np.testing.assert_allclose(stored["forecast_rmse"].values, truth_result.scores["forecast_rmse"].values)
+
+
+def test_ensemble_spread_and_crps(uk_dataset, config):
+    offset = 0.1  # normalised units
+    oracle = EnsembleOracle(TruthOracle(uk_dataset, config), offset)
+
+    result = evaluate_zero_shot(oracle, config, uk_dataset, window_stride=24)
+
+    std = uk_dataset.attrs["statistics"]["t2m"]["std"][0]
+    # Two members at truth -/+ d: spread (divisor E - 1) sqrt(2) d, fair CRPS d - 2 * 2d / 4 = 0.
+    expected_spread = np.sqrt(2) * offset * std
+    for task in ("forecast", "interpolation", "downscaling"):
+        spread = result.scores[f"{task}_spread"]
+        np.testing.assert_allclose(spread.sel(predictor="model"), expected_spread, rtol=1e-4)
+        assert bool((spread.sel(predictor="baseline") == 0).all())
+        np.testing.assert_allclose(result.scores[f"{task}_crps"].sel(predictor="model"), 0, atol=1e-4)
+        assert float(result.scores[f"{task}_rmse"].sel(predictor="model").max()) < 1e-3
+    assert result.metrics["forecast/spread/t2m/lead_1h"] == pytest.approx(expected_spread, rel=1e-4)
+    assert "spread" in result.examples["downscaling"]
+
+
+def test_deterministic_model_has_no_ensemble_scores(truth_result):
+    assert "forecast_crps" not in truth_result.scores
+    assert not any("/spread" in name for name in truth_result.metrics)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 import zarr
@@ -519,3 +522,60 @@ def test_cf_standard_names_become_short_names(data_mirror):
     assert "air_temperature" not in dataset.data_vars
     assert "eastward_wind" not in dataset.data_vars
     assert dataset["t"].attrs["units"] == "K"
+
+
+def test_non_era5_variable_skipped_with_warning(data_mirror, tmp_path, caplog):
+    path = data_mirror / "era5" / "era5-global-2deg-2019-01-05.nc"
+    train, test = ("2019-01-05T01:00", "2019-01-05T07:00"), ("2019-01-05T08:00", "2019-01-05T10:00")
+
+    with caplog.at_level(logging.WARNING, logger="tasks.ingest"):
+        result = ingest_era5([path], "global-2deg", train, test, catalog=Catalog(tmp_path / "default"))
+
+    assert sorted(result.entry.variables) == ["ciwc", "q", "t", "u", "v", "w", "z"]
+    assert "skipping variables ['tau_cirrus']" in caplog.text
+    assert "select them by name with `variables`" in caplog.text
+
+    kept = ingest_era5(
+        [path], "global-2deg", train, test, variables=["t", "tau_cirrus"], catalog=Catalog(tmp_path / "selected")
+    )
+    assert sorted(kept.entry.variables) == ["t", "tau_cirrus"]
+    assert kept.entry.variables["tau_cirrus"].long_name == "Cirrus optical depth"
+
+
+def test_cf_surface_names_become_short_names(tmp_path):
+    from tasks.ingest import canonicalise
+
+    times = pd.date_range("2020-01-01", periods=2, freq="h")
+    grid = {"latitude": [50.0, 49.0], "longitude": [0.0, 1.0]}
+    field = np.zeros((2, 2, 2), dtype=np.float32)
+    dims = ("time", "latitude", "longitude")
+    source = xr.Dataset(
+        {
+            "air_temperature": (dims, field, {"units": "K", "long_name": "2 metre temperature"}),
+            "eastward_wind": (dims, field, {"units": "m s**-1"}),
+            "northward_wind": (dims, field, {"units": "m s**-1", "long_name": "100 metre V wind component"}),
+            "surface_air_pressure": (dims, field, {"units": "Pa"}),
+            "dew_point_temperature": (dims, field, {"units": "K", "long_name": "2 metre dewpoint temperature"}),
+            "air_pressure_at_mean_sea_level": (dims, field, {"units": "Pa"}),
+            "sea_surface_temperature": (dims, field, {"units": "K"}),
+        },
+        coords={"time": times, **grid},
+    )
+    # A scalar height coordinate applies to every variable of the file.
+    at_10_m = source[["eastward_wind"]].assign_coords(height=xr.DataArray(10.0, attrs={"units": "m"}))
+
+    dataset = canonicalise(source, tmp_path / "surface.nc")
+
+    assert sorted(dataset.data_vars) == ["d2m", "eastward_wind", "msl", "sp", "sst", "t2m", "v100"]
+    assert list(canonicalise(at_10_m, tmp_path / "wind.nc").data_vars) == ["u10"]
+
+
+def test_cf_name_without_height_kept(tmp_path):
+    from tasks.ingest import canonicalise
+
+    source = xr.Dataset(
+        {"air_temperature": (("time", "latitude", "longitude"), np.zeros((1, 2, 2), np.float32), {"units": "K"})},
+        coords={"time": pd.date_range("2020-01-01", periods=1), "latitude": [50.0, 49.0], "longitude": [0.0, 1.0]},
+    )
+
+    assert list(canonicalise(source, tmp_path / "ambiguous.nc").data_vars) == ["air_temperature"]

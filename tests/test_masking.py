@@ -4,6 +4,7 @@ import torch
 from models.config import FillProportions, MaskingConfig, StrategyWeights
 from models.masking import (
     bert_mask,
+    causal_mask,
     coarsen,
     corrupt,
     downscaling_mask,
@@ -15,6 +16,7 @@ from models.tokens import expand_token_mask, tokenise
 
 GRID = (6, 4, 6)
 TOKEN_SHAPE = (2, 8, 8)
+SHAPES = {"t": TOKEN_SHAPE}
 
 
 def field(batch=4, channels=2, seed=0):
@@ -179,20 +181,20 @@ def test_sample_mask_forced_strategies():
     config = MaskingConfig(forecast_tokens=3)
     generator = torch.Generator().manual_seed(0)
 
-    forecast = sample_mask(config, x, TOKEN_SHAPE, generator, strategy="forecast")
-    downscaling = sample_mask(config, x, TOKEN_SHAPE, generator, strategy="downscaling")
+    forecast = sample_mask(config, {"t": x}, SHAPES, generator, strategy="forecast")
+    downscaling = sample_mask(config, {"t": x}, SHAPES, generator, strategy="downscaling")
 
     assert forecast.strategy == "forecast"
-    assert torch.equal(forecast.mask, forecast_mask(4, 2, GRID, 3))
-    assert torch.equal(downscaling.mask, downscaling_mask(4, 2, GRID))
-    assert torch.equal(downscaling.inputs, coarsen(x, 4))
+    assert torch.equal(forecast.masks["t"], forecast_mask(4, 2, GRID, 3))
+    assert torch.equal(downscaling.masks["t"], downscaling_mask(4, 2, GRID))
+    assert torch.equal(downscaling.inputs["t"], coarsen(x, 4))
 
 
 def test_sample_mask_forecast_only_weights():
     config = MaskingConfig(weights=StrategyWeights(bert=0, forecast=1, interpolation=0))
     generator = torch.Generator().manual_seed(0)
 
-    strategies = {sample_mask(config, field(batch=1), TOKEN_SHAPE, generator).strategy for _ in range(20)}
+    strategies = {sample_mask(config, {"t": field(batch=1)}, SHAPES, generator).strategy for _ in range(20)}
 
     assert strategies == {"forecast"}
 
@@ -206,11 +208,11 @@ def test_sample_mask_interpolation_inside_window():
 
     gaps = set()
     for _ in range(50):
-        masked = sample_mask(config, x, TOKEN_SHAPE, generator)
-        time_tokens = masked.mask[0, 0, :, 0, 0]
+        masked = sample_mask(config, {"t": x}, SHAPES, generator)
+        time_tokens = masked.masks["t"][0, 0, :, 0, 0]
         assert not bool(time_tokens[0])
         assert not bool(time_tokens[-1])
-        assert bool((masked.mask == masked.mask[:, :, :, :1, :1]).all())
+        assert bool((masked.masks["t"] == masked.masks["t"][:, :, :, :1, :1]).all())
         gaps.add(int(time_tokens.sum()))
 
     assert gaps == {1, 2}
@@ -224,14 +226,14 @@ def test_sample_mask_bert_rates_and_fill():
     )
     x = field(batch=16, channels=1)
 
-    masked = sample_mask(config, x, TOKEN_SHAPE, torch.Generator().manual_seed(0))
+    masked = sample_mask(config, {"t": x}, SHAPES, torch.Generator().manual_seed(0))
 
-    rates = masked.mask.reshape(16, -1).float().mean(dim=1)
+    rates = masked.masks["t"].reshape(16, -1).float().mean(dim=1)
     assert bool((rates <= 0.3 + 1 / 144).all())
     assert bool((rates > 0).all())
     assert len(set(rates.tolist())) > 1
-    points = expand_token_mask(masked.mask, TOKEN_SHAPE)
-    assert bool((masked.inputs[points] == 0).all())
+    points = expand_token_mask(masked.masks["t"], TOKEN_SHAPE)
+    assert bool((masked.inputs["t"][points] == 0).all())
 
 
 def test_sample_mask_strategy_frequencies():
@@ -239,11 +241,12 @@ def test_sample_mask_strategy_frequencies():
     generator = torch.Generator().manual_seed(0)
     x = field(batch=1, channels=1)
 
-    counts = {"bert": 0, "forecast": 0, "interpolation": 0, "downscaling": 0}
+    counts = {"bert": 0, "forecast": 0, "interpolation": 0, "downscaling": 0, "causal": 0}
     for _ in range(400):
-        counts[sample_mask(config, x, TOKEN_SHAPE, generator).strategy] += 1
+        counts[sample_mask(config, {"t": x}, SHAPES, generator).strategy] += 1
 
     assert counts["downscaling"] == 0
+    assert counts["causal"] == 0
     assert abs(counts["bert"] / 400 - 0.5) < 0.08
     assert abs(counts["forecast"] / 400 - 0.25) < 0.08
     assert abs(counts["interpolation"] / 400 - 0.25) < 0.08
@@ -255,17 +258,108 @@ def test_sample_mask_generator_determinism():
 
     def draw(seed):
         generator = torch.Generator().manual_seed(seed)
-        return [sample_mask(config, x, TOKEN_SHAPE, generator) for _ in range(10)]
+        return [sample_mask(config, {"t": x}, SHAPES, generator) for _ in range(10)]
 
     first, again, other = draw(5), draw(5), draw(6)
 
     for a, b in zip(first, again, strict=True):
         assert a.strategy == b.strategy
-        assert torch.equal(a.mask, b.mask)
-        assert torch.equal(a.inputs, b.inputs)
-    assert any(not torch.equal(a.mask, b.mask) for a, b in zip(first, other, strict=True))
+        assert torch.equal(a.masks["t"], b.masks["t"])
+        assert torch.equal(a.inputs["t"], b.inputs["t"])
+    assert any(not torch.equal(a.masks["t"], b.masks["t"]) for a, b in zip(first, other, strict=True))
 
 
 def test_sample_mask_rejects_unknown_strategy():
     with pytest.raises(ValueError, match="unknown masking strategy"):
-        sample_mask(MaskingConfig(), field(batch=1), TOKEN_SHAPE, strategy="inpainting")
+        sample_mask(MaskingConfig(), {"t": field(batch=1)}, SHAPES, strategy="inpainting")
+
+
+def test_causal_mask_from_first_token():
+    mask = causal_mask(2, 3, GRID, first_token=2)
+
+    assert mask.shape == (2, 3, *GRID)
+    assert bool(mask[:, :, 2:].all())
+    assert not bool(mask[:, :, :2].any())
+
+
+@pytest.mark.parametrize("first_token", [0, 6])
+def test_causal_mask_keeps_input_and_target(first_token):
+    with pytest.raises(ValueError, match="first_token"):
+        causal_mask(1, 1, GRID, first_token)
+
+
+def test_sample_mask_causal_masks_every_later_token():
+    config = MaskingConfig(weights=StrategyWeights(bert=0, forecast=0, interpolation=0, causal=1))
+    generator = torch.Generator().manual_seed(0)
+    x = field(batch=2, channels=1)
+
+    first_tokens = set()
+    for _ in range(60):
+        masked = sample_mask(config, {"t": x}, SHAPES, generator)
+        time_tokens = masked.masks["t"][0, 0, :, 0, 0]
+        first = int(time_tokens.int().argmax())
+        assert masked.strategy == "causal"
+        assert torch.equal(masked.masks["t"], causal_mask(2, 1, GRID, first))
+        points = expand_token_mask(masked.masks["t"], TOKEN_SHAPE)
+        assert bool((masked.inputs["t"][points] == 0).all())
+        assert torch.equal(masked.inputs["t"][~points], x[~points])
+        first_tokens.add(first)
+
+    assert first_tokens == {1, 2, 3, 4, 5}
+
+
+def two_fields(batch=3, seed=0):
+    """Fields with the same 6 time tokens but other levels and spatial tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    fields = {
+        "u": torch.randn((batch, 3, 12, 32, 48), generator=generator),
+        "d2m": torch.randn((batch, 1, 12, 24, 24), generator=generator),
+    }
+    return fields, {"u": (2, 8, 8), "d2m": (2, 4, 4)}
+
+
+@pytest.mark.parametrize("strategy", ["forecast", "interpolation", "causal"])
+def test_sample_mask_fields_share_time_tokens(strategy):
+    fields, shapes = two_fields()
+    config = MaskingConfig(forecast_tokens=2, interpolation_tokens=[2])
+
+    masked = sample_mask(config, fields, shapes, torch.Generator().manual_seed(3), strategy=strategy)
+
+    assert masked.masks["u"].shape == (3, 3, 6, 4, 6)
+    assert masked.masks["d2m"].shape == (3, 1, 6, 6, 6)
+    u_time = masked.masks["u"][:, 0, :, 0, 0]
+    d2m_time = masked.masks["d2m"][:, 0, :, 0, 0]
+    assert torch.equal(u_time, d2m_time)
+    assert bool(u_time.any())
+    assert not bool(u_time.all())
+
+
+def test_sample_mask_bert_rate_shared_by_fields():
+    fields, shapes = two_fields(batch=8)
+    config = MaskingConfig(weights=StrategyWeights(bert=1, forecast=0, interpolation=0), bert_max_rate=0.8)
+
+    masked = sample_mask(config, fields, shapes, torch.Generator().manual_seed(1))
+
+    u_rates = masked.masks["u"].reshape(8, -1).float().mean(dim=1)
+    d2m_rates = masked.masks["d2m"].reshape(8, -1).float().mean(dim=1)
+    # Rounding to whole tokens: 216 tokens of u, 36 of d2m per sample.
+    assert torch.allclose(u_rates, d2m_rates, atol=1 / 36)
+    assert not torch.equal(masked.masks["u"][:, 0, :, :1, :1], masked.masks["u"][:, 1, :, :1, :1])
+
+
+def test_sample_mask_downscaling_coarse_inputs_per_field():
+    fields, shapes = two_fields()
+
+    masked = sample_mask(MaskingConfig(), fields, shapes, strategy="downscaling")
+
+    for name, x in fields.items():
+        assert bool(masked.masks[name].all())
+        assert torch.equal(masked.inputs[name], coarsen(x, 4))
+
+
+def test_sample_mask_rejects_unequal_time_tokens():
+    fields, shapes = two_fields()
+    shapes["d2m"] = (4, 4, 4)
+
+    with pytest.raises(ValueError, match="same number of time tokens"):
+        sample_mask(MaskingConfig(), fields, shapes, strategy="forecast")

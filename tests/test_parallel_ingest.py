@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ import xarray as xr
 from data_catalog import Catalog
 from era5_direct import assert_nothing_written, write_grib_messages
 from tasks import decode
-from tasks.ingest import ingest_era5
+from tasks.ingest import InvalidSourceError, canonicalise, ingest_era5, open_sources
 
 UK_TRAIN = ("2019-03-01T00:00:00", "2019-03-24T23:00:00")
 UK_TEST = ("2019-03-25T00:00:00", "2019-03-31T23:00:00")
@@ -107,17 +111,18 @@ def test_eccodes_path_on_dask_cluster(uk_t2m_grib, tmp_path):
 
 
 def test_eccodes_worker_failure_leaves_nothing(uk_t2m_grib, tmp_path, monkeypatch):
-    original = decode.decode_region
+    original = decode.plan_fast_path
+    missing = tmp_path / "injected-missing.grib"
 
-    def fail_in_region_five(plan, variable, start, stop):
-        if start == 5 * 24:
-            raise OSError("read error (injected)")
-        return original(plan, variable, start, stop)
+    def plan_with_missing_file(*args, **kwargs):
+        # Workers get the plan from this process, so the message of step 5 * 24 fails to open there.
+        plan = original(*args, **kwargs)
+        plan.messages["t2m"][5 * 24] = decode.MessageRef(str(missing), 0)
+        return plan
 
-    # Worker processes are forked, so they inherit the patched function.
-    monkeypatch.setattr(decode, "decode_region", fail_in_region_five)
+    monkeypatch.setattr(decode, "plan_fast_path", plan_with_missing_file)
 
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(OSError, match="injected-missing"):
         ingest_era5([uk_t2m_grib], "uk", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path), grib_decoder="eccodes")
 
     assert_nothing_written(tmp_path, "uk")
@@ -126,3 +131,87 @@ def test_eccodes_worker_failure_leaves_nothing(uk_t2m_grib, tmp_path, monkeypatc
 def test_unknown_grib_decoder_rejected(uk_t2m_grib, tmp_path):
     with pytest.raises(ValueError, match="grib_decoder 'fast' is unknown"):
         ingest_era5([uk_t2m_grib], "uk", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path), grib_decoder="fast")
+
+
+@pytest.mark.parametrize(
+    "file", ["era5-2mt-2019-03-uk.grib", "era5_t2m_monthly_2022-10_0p25.grib", "unusual/scanning_mode_64.grib"]
+)
+def test_header_dataset_matches_cfgrib(data_mirror, file):
+    path = data_mirror / "era5" / file
+
+    from_headers, plan = decode.open_grib_fast([path], 24, canonicalise)
+    from_cfgrib = open_sources([path], 24)
+
+    assert plan.variables == tuple(from_cfgrib.data_vars)
+    xr.testing.assert_identical(from_headers.load(), from_cfgrib.load())
+
+
+def test_header_scan_rejects_truncated_file(data_mirror, tmp_path):
+    with pytest.raises(InvalidSourceError, match="truncated or corrupted"):
+        ingest_era5(
+            [data_mirror / "era5" / "unusual" / "era5-levels-corrupted.grib"], "corrupt", UK_TRAIN, UK_TEST,
+            catalog=Catalog(tmp_path), grib_decoder="eccodes",
+        )
+
+    assert_nothing_written(tmp_path, "corrupt")
+
+
+@pytest.fixture
+def external_cluster(tmp_path):
+    """Start a dask scheduler and one worker with two processes as separate programs on 127.0.0.1; yield the address."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--host", "127.0.0.1", "--nworkers", "2", "--nthreads", "1",
+         "--no-dashboard", "--local-directory", str(tmp_path / "dask-worker")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        from dask.distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for process in (worker, scheduler):
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_local_and_external_cluster_identical(uk_t2m_grib, tmp_path, caplog, monkeypatch, external_cluster):
+    # distributed sets OMP_NUM_THREADS and others for its workers, and the ingest must
+    # restore them in its own process.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with caplog.at_level(logging.INFO, logger="tasks.decode"):
+        local = ingest_era5(
+            [uk_t2m_grib], "uk", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path / "local"), grib_decoder="eccodes",
+            normalisation={"t2m": "local"},
+        )
+    assert "started a local dask cluster" in caplog.text
+    assert "OMP_NUM_THREADS" not in os.environ
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tasks.decode"):
+        external = ingest_era5(
+            [uk_t2m_grib], "uk", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path / "external"), grib_decoder="eccodes",
+            normalisation={"t2m": "local"}, scheduler_address=external_cluster,
+        )
+    assert "started a local dask cluster" not in caplog.text
+    assert f"dask scheduler at {external_cluster}" in caplog.text
+
+    assert local.entry.content_digest == external.entry.content_digest
+    assert_same_store(local.zarr_path, external.zarr_path)

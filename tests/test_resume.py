@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ import pytest
 import xarray as xr
 
 from data_catalog import Catalog
+from data_catalog.locks import DatasetLockedError, dataset_lock, lock_path
 from tasks import writer
 from tasks.ingest import ingest_era5
 
@@ -56,19 +58,25 @@ def _completed_regions(journal: Path) -> int:
         return 0
 
 
-def _kill_half_way(grib: Path, root: Path, grib_decoder: str) -> None:
-    """Start the slow ingest in a subprocess and SIGKILL it once the journal lists at least two regions."""
+def _start_slow_ingest(grib: Path, root: Path, grib_decoder: str, regions: int) -> subprocess.Popen:
+    """Start the slow ingest in a subprocess and return it once its journal lists at least `regions` regions."""
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, "-c", SLOW_INGEST, str(grib), NAME, *TRAIN, *TEST, str(TIME_CHUNK), str(root), grib_decoder]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment)
     target = Catalog(root).default_zarr_path(NAME)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        journals = list(target.parent.glob(f".{target.name}.journal-*.json")) if target.parent.exists() else []
+        if journals and _completed_regions(journals[0]) >= regions:
+            break
+        time.sleep(0.05)
+    return process
+
+
+def _kill_half_way(grib: Path, root: Path, grib_decoder: str) -> None:
+    """Start the slow ingest in a subprocess and SIGKILL it once the journal lists at least two regions."""
+    process = _start_slow_ingest(grib, root, grib_decoder, regions=2)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and process.poll() is None:
-            journals = list(target.parent.glob(f".{target.name}.journal-*.json")) if target.parent.exists() else []
-            if journals and _completed_regions(journals[0]) >= 2:
-                break
-            time.sleep(0.05)
         assert process.poll() is None, f"the slow ingest ended (exit status {process.returncode}) before the kill"
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
@@ -116,8 +124,10 @@ def test_killed_ingest_resumes_identically(uk_t2m_grib, tmp_path, caplog, grib_d
     )
 
     assert "resuming the ingest" in caplog.text
+    # The first finished region is saved at once, later ones at most every writer.SAVE_INTERVAL_S.
     assert written[0] == done_before + 1
-    assert len(written) == REGIONS - done_before
+    assert written[-1] == REGIONS
+    assert written == sorted(set(written))
     assert sorted(path.name for path in target.parent.iterdir()) == [f"{NAME}.zarr"]
     assert catalog.get(NAME).digest == reference.entry.digest
 
@@ -149,3 +159,42 @@ def test_stale_journal_of_other_recipe_removed(uk_t2m_grib, tmp_path):
     ingest_era5([uk_t2m_grib], NAME, TRAIN, TEST, time_chunk=48, catalog=catalog)
 
     assert sorted(path.name for path in target.parent.iterdir()) == [f"{NAME}.zarr"]
+
+
+def test_concurrent_ingest_fails_fast_then_lock_released_by_kill(uk_t2m_grib, tmp_path):
+    holder = _start_slow_ingest(uk_t2m_grib, tmp_path, "cfgrib", regions=1)
+    catalog = Catalog(tmp_path)
+    try:
+        assert holder.poll() is None, "the slow ingest ended before the second ingest started"
+
+        started = time.monotonic()
+        with pytest.raises(DatasetLockedError) as raised:
+            ingest_era5([uk_t2m_grib], NAME, TRAIN, TEST, time_chunk=TIME_CHUNK, catalog=catalog)
+        assert time.monotonic() - started < 5
+        message = str(raised.value)
+        assert f"dataset {NAME!r}" in message
+        assert str(lock_path(catalog, NAME)) in message
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in message
+
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+    # The kernel released the dead holder's lock, so the next ingest runs and resumes its work.
+    result = ingest_era5([uk_t2m_grib], NAME, TRAIN, TEST, time_chunk=TIME_CHUNK, catalog=catalog)
+    assert result.entry.time_count == 744
+    assert catalog.get(NAME).digest == result.entry.digest
+
+
+def test_lock_held_in_same_process_rejected(tmp_path):
+    catalog = Catalog(tmp_path)
+
+    with dataset_lock(catalog, "held", "append"):
+        with pytest.raises(DatasetLockedError, match=f"append with pid {os.getpid()}"):
+            with dataset_lock(catalog, "held"):
+                pass
+    with dataset_lock(catalog, "held"):
+        pass

@@ -13,13 +13,17 @@ import pytest
 import torch
 import xarray as xr
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 
 import models.train as train
+from flows.params import PretrainParams
+from flows.pretrain import rendezvous
 from models.atmorep import AtmoRep
 from models.checkpoint import load_checkpoint, load_model
 from models.config import load_preset
 from models.data import WindowDataset, time_features
 from models.tracking import MlflowTracker, NullTracker, tracker_from_env
+from tasks.training import torchrun_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PERIOD = ("2019-03-01T00:00:00", "2019-03-24T23:00:00")
@@ -337,3 +341,46 @@ def test_resume_matches_uninterrupted_run(uk_zarr, tmp_path, monkeypatch):
     resumed_weights = load_checkpoint(interrupted / "checkpoint.pt")["model"]
     for name, weights in full_weights.items():
         assert torch.equal(resumed_weights[name], weights), name
+
+
+# Launcher and rendezvous parameters
+
+
+def test_torchrun_command_standalone_by_default():
+    command = torchrun_command(Path("run.json"), Path("out"), nproc_per_node=2)
+
+    assert "--standalone" in command
+    assert "--max-restarts=0" in command
+    assert "--nproc-per-node=2" in command
+    assert not any(argument.startswith("--rdzv") for argument in command)
+
+
+def test_torchrun_command_multi_node():
+    params = PretrainParams(
+        nnodes="2", nproc_per_node=4, rdzv_endpoint="node0:29400", rdzv_id="era5-run", max_restarts=3
+    )
+
+    command = torchrun_command(Path("run.json"), Path("out"), params.nproc_per_node, rendezvous=rendezvous(params))
+
+    assert "--standalone" not in command
+    for option in (
+        "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400", "--rdzv-id=era5-run",
+        "--max-restarts=3", "--nproc-per-node=4",
+    ):
+        assert option in command
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"nnodes": "2"}, "rdzv_endpoint is required"),
+        ({"nnodes": "3:2", "rdzv_endpoint": "node0:29400"}, "MIN above MAX"),
+        ({"nnodes": "2", "rdzv_endpoint": "node0:29400", "rdzv_backend": "static"}, "needs node_rank"),
+        ({"nnodes": "2", "rdzv_endpoint": "node0:29400", "node_rank": 2}, "node_rank 2 must be below"),
+        ({"rdzv_endpoint": "node0"}, "rdzv_endpoint"),
+        ({"max_restarts": -1}, "max_restarts"),
+    ],
+)
+def test_rendezvous_params_rejected(settings, message):
+    with pytest.raises(ValidationError, match=message):
+        PretrainParams(**settings)
