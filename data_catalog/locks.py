@@ -6,8 +6,8 @@ leaves a lock that blocks later runs. The file contains the holder's pid, host a
 time, which the error of a second writer names.
 
 NOTE: flock locks are reliable on local file systems. Over NFS, Linux emulates them with
-POSIX byte-range locks, which also work across hosts when the server supports locking;
-other network file systems may not lock at all.
+POSIX byte-range locks, which work across hosts when the server supports locking. Other
+network file systems may not lock at all.
 """
 
 from __future__ import annotations

@@ -198,6 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("name", help="dataset name")
     catalog.set_defaults(runner=None)
+
+    compare = commands.add_parser(
+        "compare", help="print and plot several evaluation runs side by side",
+        description="Set the scores of several evaluation runs (zero-shot, fine-tuned, other configs) side by "
+        "side: a table on stdout, and a CSV file and skill plots in the output folder.",
+    )
+    compare.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="MLflow run ids of evaluate or finetune stages")
+    compare.add_argument(
+        "--metric", default="rmse",
+        help="score to compare: rmse, mae, bias, acc, crps, spread, spread_skill_ratio or small_scale_power_ratio "
+        "(default: rmse)",
+    )
+    compare.add_argument(
+        "--output", default=None,
+        help="folder for the CSV file and plots (default: $ATMOREP_HOME/comparisons/<short run ids>)",
+    )
+    compare.set_defaults(runner=None)
     return parser
 
 
@@ -289,6 +306,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         output = json.dumps(lineage, indent=2) if arguments.format == "json" else format_lineage(lineage)
         sys.stdout.write(output + "\n")
+        return 0
+
+    if arguments.command == "compare":
+        from tasks.compare import compare_runs
+
+        try:
+            text, paths = compare_runs(arguments.run_ids, arguments.metric, arguments.output)
+        except USER_ERRORS as error:
+            sys.stderr.write(f"atmorep compare: error: {error}\n")
+            return 1
+        sys.stdout.write(text + "\n\nWritten: " + ", ".join(str(path) for path in paths) + "\n")
         return 0
 
     if arguments.command == "catalog":

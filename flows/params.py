@@ -242,6 +242,34 @@ class EvaluateParams(FlowParams):
     dataset: str | None = Field(None, description="catalog dataset (default: the one the model was trained on)")
     window_stride: int = Field(6, ge=1, description="time steps between evaluation windows")
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
+    downscaling_factors: list[int] = Field(
+        [2, 4],
+        min_length=1,
+        description="coarsening factors of the downscaling task, in grid points; each must divide the "
+        "spatial token size of every field",
+    )
+    map_time: str | None = Field(
+        None,
+        description="ISO 8601 time in the test period that the maps of truth, prediction, error and spread show "
+        "(default: the last scored step of the first window)",
+    )
+
+    @field_validator("downscaling_factors")
+    @classmethod
+    def _check_factors(cls, value: list[int]) -> list[int]:
+        if any(factor < 1 for factor in value):
+            raise ValueError(f"downscaling factors must be at least 1, got {value}")
+        return value
+
+    @field_validator("map_time")
+    @classmethod
+    def _check_map_time(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                pd.Timestamp(value)
+            except ValueError as error:
+                raise ValueError(f"map_time {value!r} is not an ISO 8601 time: {error}") from error
+        return value
 
 
 class FinetuneParams(TrainingParams):

@@ -60,7 +60,11 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Return the module inside a DistributedDataParallel wrapper, or the model itself."""
+    """Return the model inside torch.compile and DistributedDataParallel wrappers, or the model itself.
+
+    The unwrapped model's state_dict keys have no `_orig_mod.` or `module.` prefix.
+    """
+    model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
 

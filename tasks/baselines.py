@@ -47,7 +47,7 @@ def persistence(context: np.ndarray, n_steps: int) -> np.ndarray:
 def climatology_forecast(
     climatology: xr.DataArray | xr.Dataset, valid_time: xr.DataArray | np.ndarray | Sequence
 ) -> xr.DataArray | xr.Dataset:
-    """Predict the training-period mean state at each valid time: the forecast "as usual".
+    """Predict the training-period mean state at each valid time.
 
     climatology: output of `tasks.metrics.build_climatology`, by hour of day or by day
     of year and hour. valid_time: datetime64 values, a DataArray of any dims (for example

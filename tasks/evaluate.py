@@ -5,28 +5,34 @@ Samples are the windows of `models.data.FieldDataset` without random crops:
 every ``window_stride`` steps, on the region of ``config.model.sample_shape`` at the
 north-west corner of the grid, with every field's crop centred in that region. Each task
 masks every field of every sample the way training did (`models.masking`) and scores the
-model's prediction of the masked steps, the ensemble mean, against a baseline:
+model's prediction of the masked steps, the ensemble mean, against two baselines computed
+from the same samples:
 
 - ``forecast``: the last ``masking.forecast_tokens`` time tokens are masked and zeroed.
   Scored per lead time, in hours after the last visible step, against persistence of
-  that step.
+  that step and against the climatology at the valid time.
 - ``interpolation``: for each gap length g in ``masking.interpolation_tokens``, a centred
   run of g time tokens is masked and zeroed. Scored over all hidden steps against linear
-  interpolation between the visible steps on either side of the gap.
-- ``downscaling``: every token is masked and contains the block average over
-  ``masking.coarsen_factor`` x ``masking.coarsen_factor`` grid points, repeated over the
-  block. Scored over the whole sample against bicubic upsampling of the same block
-  averages.
+  and cubic interpolation in time from the visible steps on either side of the gap.
+- ``downscaling``: for each factor f in ``downscaling_factors`` (2 and 4 by default),
+  every token is masked and contains the block average over f x f grid points, repeated
+  over the block. Scored over the whole sample against bilinear and bicubic upsampling of
+  the same block averages, and by the power spectrum along longitude.
 
-Every level of every field is scored as its own variable (``t2m``, ``u850``). Scores are
+Every level of every field is scored as its own variable (``t2m``, ``u_850``). Scores are
 in physical units after denormalising with the dataset's statistics: global ones from
 ``ds.attrs["statistics"]``, local ones per calendar month and grid point from the
-statistics group of its Zarr store (`tasks.normalise.denormalise_window`). They are
-cos-latitude weighted over the field's latitudes and pooled over samples and scored
-steps before the square root (see `tasks.metrics`). A model with more than one ensemble
-member also gets the ``spread`` (square root of the pooled ensemble variance) and the
-fair ``crps`` (`models.losses.fair_crps`). For the deterministic baselines the spread is 0
-and the CRPS equals the MAE.
+statistics group of its Zarr store (`tasks.normalise.denormalise_window`). They follow
+WeatherBench 2 and use `tasks.metrics`: RMSE, MAE and bias weighted by cos(latitude) and
+pooled over samples and scored steps (RMSE before the square root), and the uncentred
+anomaly correlation (ACC) per sample and step, averaged. The climatology of the ACC and of
+the climatology baseline is built once per evaluation from the dataset's training period
+(`tasks.metrics.build_climatology`). A model with more than one ensemble member also gets
+the fair ``crps``, the ``spread`` (square root of the pooled ensemble variance) and the
+``spread_skill_ratio``. For the deterministic baselines the spread is 0, the CRPS equals
+the MAE and the spread-skill ratio is not defined (NaN). Downscaling adds the
+``small_scale_power_ratio``: the share of the truth's power at wavelengths below 4 grid
+spacings that a prediction keeps, from power spectra accumulated over all samples.
 """
 
 from __future__ import annotations
@@ -44,21 +50,31 @@ from tqdm.auto import tqdm
 
 from models.config import FieldConfig, RunConfig
 from models.data import FieldDataset
-from models.losses import fair_crps
 from models.masking import corrupt, downscaling_mask, forecast_mask, interpolation_mask
 from tasks import baselines, metrics
-from tasks.normalise import dataset_statistics, denormalise_window
+from tasks.normalise import dataset_statistics, denormalise, denormalise_window
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("forecast", "interpolation", "downscaling")
-BASELINES = {"forecast": "persistence", "interpolation": "linear", "downscaling": "bicubic"}
-METRICS = ("rmse", "mae", "bias")
+# Baselines of each task, the first being the one the summary tables set beside the model.
+BASELINES = {
+    "forecast": ("persistence", "climatology"),
+    "interpolation": ("linear", "cubic"),
+    "downscaling": ("bilinear", "bicubic"),
+}
+METRICS = ("rmse", "mae", "bias", "acc")
 # Scores added for a model with more than one ensemble member.
-ENSEMBLE_METRICS = ("crps", "spread")
+ENSEMBLE_METRICS = ("crps", "spread", "spread_skill_ratio")
+# Scores added for downscaling, from the power spectra along longitude.
+SPECTRAL_METRICS = ("small_scale_power_ratio",)
+# Scores without units; the others are in the variable's units.
+UNITLESS_METRICS = ("acc", "spread_skill_ratio", "small_scale_power_ratio")
 # Score dimension of each task: its coordinate labels are hours, hours and a factor.
 SCORE_DIMS = {"forecast": "lead_time", "interpolation": "gap", "downscaling": "factor"}
-PREDICTORS = ("model", "baseline")
+DEFAULT_DOWNSCALING_FACTORS = (2, 4)
+# Cubic interpolation in time uses this many visible steps on each side of the gap.
+CUBIC_CONTEXT_STEPS = 2
 
 
 @dataclass
@@ -66,21 +82,29 @@ class EvaluationResult:
     """Scores of one zero-shot evaluation, in four views of the same numbers.
 
     metrics: flat names such as ``forecast/rmse/t2m/lead_3h`` for the model and
-        ``forecast/rmse_persistence/t2m/lead_3h`` for its baseline.
+        ``forecast/rmse_persistence/t2m/lead_3h`` for a baseline. NaN scores are left out.
     scores: one data variable per task and metric, named ``<task>_<metric>`` (for example
-        ``forecast_rmse``, and ``forecast_crps`` and ``forecast_spread`` for an ensemble),
-        with dims ``(predictor, variable, <score dim>)``. ``predictor`` is
-        ``["model", "baseline"]`` and the variable's ``baseline`` attribute names the
-        baseline. The score dims are ``lead_time`` (hours) for forecast, ``gap`` (hours)
-        for interpolation and ``factor`` for downscaling. The ``units`` coordinate gives
-        each variable's physical units.
-    table: one row per task, metric, variable and lead or gap, with columns ``task``,
-        ``metric``, ``variable``, ``lead_or_gap``, ``model``, ``baseline``,
+        ``forecast_rmse``, ``forecast_acc``, ``downscaling_small_scale_power_ratio``),
+        with dims ``(predictor, variable, <score dim>)``. ``predictor`` lists ``model``
+        and the baselines of every evaluated task, and a task's variables are NaN for the
+        baselines of other tasks; their ``baselines`` attribute names the task's own. The
+        score dims are ``lead_time`` (hours) for forecast, ``gap`` (hours) for
+        interpolation and ``factor`` for downscaling. Along ``variable`` the coordinates
+        ``units``, ``field`` and ``level`` (NaN for a surface field) describe each
+        channel. ``downscaling_spectrum`` holds the power spectra along longitude, dims
+        ``(spectrum_of, variable, factor, wavenumber)`` with ``spectrum_of`` the truth,
+        the model and the downscaling baselines, in squared units.
+    table: one row per task, metric, variable, lead or gap and baseline, with columns
+        ``task``, ``metric``, ``variable``, ``lead_or_gap``, ``model``, ``baseline``,
         ``baseline_value`` and ``difference`` (model minus baseline value).
-    examples: per task, the first sample's ``truth``, ``prediction`` and ``baseline``
-        (and ``spread`` for an ensemble) over its scored steps, in physical units, with
-        dims ``(variable, time, latitude, longitude)``. It contains the fields whose crop
-        equals the first field's crop. For interpolation it is the longest gap.
+    examples: per task, one sample's ``truth``, ``prediction`` and ``baseline`` (the
+        task's first baseline), and ``spread`` for an ensemble, over its scored steps, in
+        physical units, with dims ``(variable, time, latitude, longitude)``. The sample is
+        the one whose scored steps come closest to ``map_time``; its attribute
+        ``map_time`` is the step to draw. The entry ``<task>`` contains the fields on the
+        first field's crop, and fields on another crop are under ``<task>-<variable>``
+        with the first variable of that crop. Interpolation keeps its longest gap and
+        downscaling its largest factor.
     """
 
     metrics: dict[str, float]
@@ -106,7 +130,7 @@ class _Channel:
 
 @dataclass(frozen=True)
 class _Case:
-    """One masking setup: a task and, for interpolation, a gap of ``gap_tokens`` tokens.
+    """One masking setup: a task with, for interpolation, a gap of ``gap_tokens`` tokens.
 
     ``label`` is the longest lead in hours for forecast, the gap in hours for
     interpolation and the coarsening factor for downscaling.
@@ -115,6 +139,16 @@ class _Case:
     task: str
     label: int
     gap_tokens: int | None = None
+    factor: int | None = None
+
+
+def channel_name(variable: str, level: int | None) -> str:
+    """Name a channel as in metric names: ``t2m``, or ``u_850`` for u at 850 hPa.
+
+    The underscore keeps pressure levels apart from height suffixes: ``u100`` is the
+    ERA5 100 m wind and ``u_100`` is u at 100 hPa.
+    """
+    return variable if level is None else f"{variable}_{level}"
 
 
 def _channels(config: RunConfig, ds: xr.Dataset) -> list[_Channel]:
@@ -135,16 +169,14 @@ def _channels(config: RunConfig, ds: xr.Dataset) -> list[_Channel]:
             )
         local = statistics[variable].get("scheme", "global") == "local"
         level_index = 0
-        name = variable
         if level is not None:
             levels = [int(value) for value in ds[variable]["level"].values]
             level_index = levels.index(int(level))
-            name = f"{variable}{level}"
         channels.append(
             _Channel(
                 variable=variable,
                 level=level,
-                name=name,
+                name=channel_name(variable, level),
                 mean=float("nan") if local else float(statistics[variable]["mean"][level_index]),
                 std=float("nan") if local else float(statistics[variable]["std"][level_index]),
                 units=str(ds[variable].attrs.get("units", "")),
@@ -154,7 +186,7 @@ def _channels(config: RunConfig, ds: xr.Dataset) -> list[_Channel]:
     return channels
 
 
-def _cases(config: RunConfig, tasks: Sequence[str]) -> list[_Case]:
+def _cases(config: RunConfig, tasks: Sequence[str], downscaling_factors: Sequence[int]) -> list[_Case]:
     """List the masking setups of the requested tasks, with their score labels."""
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
@@ -169,8 +201,23 @@ def _cases(config: RunConfig, tasks: Sequence[str]) -> list[_Case]:
             for gap_tokens in config.masking.interpolation_tokens:
                 cases.append(_Case(task, label=gap_tokens * token_steps, gap_tokens=gap_tokens))
         else:
-            cases.append(_Case(task, label=config.masking.coarsen_factor))
+            for factor in sorted(set(downscaling_factors)):
+                _check_factor(config, factor)
+                cases.append(_Case(task, label=factor, factor=factor))
     return cases
+
+
+def _check_factor(config: RunConfig, factor: int) -> None:
+    """Raise ValueError unless `factor` divides the spatial token size of every field."""
+    if factor < 1:
+        raise ValueError(f"downscaling factor must be at least 1, got {factor}")
+    for field_config in config.model.fields:
+        _, token_height, token_width = field_config.token_shape
+        if token_height % factor or token_width % factor:
+            raise ValueError(
+                f"downscaling factor {factor} does not divide the spatial token size "
+                f"{(token_height, token_width)} of field {field_config.name!r}: choose factors that divide it"
+            )
 
 
 def _batches(
@@ -190,13 +237,14 @@ def _masked_input(
 
     fields: name -> [B, L, T, H, W] normalised. Returns (inputs: name -> [B, L, T, H, W],
     masks: name -> [B, L, nT, nH, nW]). Forecast and interpolation tokens are zeroed,
-    downscaling tokens coarsened.
+    downscaling tokens coarsened by the case's factor.
     """
     inputs, masks = {}, {}
-    for field in config.model.fields:
-        x = fields[field.name]
+    for field_config in config.model.fields:
+        x = fields[field_config.name]
         batch, levels = x.shape[:2]
-        grid = field.num_tokens
+        grid = field_config.num_tokens
+        factor = config.masking.coarsen_factor
         if case.task == "forecast":
             mask = forecast_mask(batch, levels, grid, config.masking.forecast_tokens)
             fill = "zero"
@@ -207,8 +255,9 @@ def _masked_input(
         else:
             mask = downscaling_mask(batch, levels, grid)
             fill = "coarsen"
-        inputs[field.name] = corrupt(x, mask, field.token_shape, fill, config.masking.coarsen_factor)
-        masks[field.name] = mask.to(x.device)
+            factor = case.factor
+        inputs[field_config.name] = corrupt(x, mask, field_config.token_shape, fill, factor)
+        masks[field_config.name] = mask.to(x.device)
     return inputs, masks
 
 
@@ -229,26 +278,45 @@ def _scored_steps(case: _Case, config: RunConfig) -> slice:
     return slice(0, steps)
 
 
-def _baseline(case: _Case, truth: np.ndarray, scored: slice, factor: int) -> np.ndarray:
-    """Compute the baseline of a case over the scored steps.
+def _baselines(
+    case: _Case, truth: np.ndarray, scored: slice, climatology: np.ndarray | None
+) -> dict[str, np.ndarray | None]:
+    """Compute the baselines of a case over the scored steps.
 
-    truth: [B, C, T, H, W] in physical units. Returns [B, C, S, H, W] for the S scored steps.
+    truth: [B, C, T, H, W] in physical units; climatology: [B, C, S, H, W], the
+    climatology at the scored steps' valid times. Returns name -> [B, C, S, H, W] for the
+    S scored steps, or None for a baseline the sample cannot give (cubic interpolation
+    needs two visible steps on each side of the gap).
     """
     n_scored = scored.stop - scored.start
     if case.task == "forecast":
-        return baselines.persistence(truth[:, :, : scored.start], n_scored)
+        return {
+            "persistence": baselines.persistence(truth[:, :, : scored.start], n_scored),
+            "climatology": climatology,
+        }
     if case.task == "interpolation":
-        return baselines.linear_interpolation(
-            truth[:, :, scored.start - 1], truth[:, :, scored.stop], n_scored
-        )
-    return baselines.bicubic_upsampling(baselines.block_average(truth, factor), factor)
+        context = min(CUBIC_CONTEXT_STEPS, scored.start, truth.shape[2] - scored.stop)
+        cubic = None
+        if context >= 2:
+            cubic = baselines.cubic_interpolation(
+                truth[:, :, scored.start - context : scored.start], truth[:, :, scored.stop : scored.stop + context], n_scored
+            )
+        return {
+            "linear": baselines.linear_interpolation(truth[:, :, scored.start - 1], truth[:, :, scored.stop], n_scored),
+            "cubic": cubic,
+        }
+    coarse = baselines.block_average(truth, case.factor)
+    return {
+        "bilinear": baselines.bilinear_upsampling(coarse, case.factor),
+        "bicubic": baselines.bicubic_upsampling(coarse, case.factor),
+    }
 
 
 class _Crop:
-    """The evaluated channels and grid: denormalising and labelling sample arrays.
+    """The evaluated channels and grid of one field: denormalising and labelling sample arrays.
 
-    Holds the crop's latitude and longitude, its cos-latitude weights and each channel's
-    normalisation mean and std.
+    Holds the crop's latitude and longitude, its cos-latitude weights, each channel's
+    normalisation mean and std, and the crop's climatology in physical units.
     """
 
     def __init__(
@@ -265,6 +333,9 @@ class _Crop:
         self.weights = metrics.latitude_weights(latitude)
         self._mean = np.array([channel.mean for channel in channels])[None, :, None, None, None]
         self._std = np.array([channel.std for channel in channels])[None, :, None, None, None]
+        # Dims (hour, variable, latitude, longitude) or (dayofyear, hour, variable, ...), set by
+        # `_attach_climatologies`.
+        self.climatology: xr.DataArray | None = None
 
     def denormalise(self, values: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
         """Convert [B, C, T, H, W] normalised values to float64 physical units: x * std + mean.
@@ -276,6 +347,12 @@ class _Crop:
         keys = [(channel.variable, channel.level_index) for channel in self.channels]
         return denormalise_window(values, self.statistics, keys, times, self.latitude, self.longitude)
 
+    def climatology_at(self, times: np.ndarray) -> np.ndarray:
+        """Return the climatology [B, C, S, H, W] at valid times [B, S]."""
+        valid_time = xr.DataArray(times, dims=("sample", "step"))
+        values = metrics.climatology_at(self.climatology, valid_time)
+        return values.transpose("sample", "variable", "step", "latitude", "longitude").values
+
     def as_field(self, values: np.ndarray, lead_time: np.ndarray | None = None) -> xr.DataArray:
         """Wrap [B, C, S, H, W] values as a DataArray; ``lead_time`` labels the S steps."""
         coords = {"variable": self.names, "latitude": self.latitude, "longitude": self.longitude}
@@ -284,52 +361,176 @@ class _Crop:
         return xr.DataArray(values, dims=("sample", "variable", "step", "latitude", "longitude"), coords=coords)
 
 
+# --- climatology ----------------------------------------------------------------------------
+
+
+def _channel_series(ds: xr.Dataset, crop: _Crop, channel: _Channel, train_period: tuple[str, str]) -> xr.DataArray:
+    """Return one channel over the training period on the crop, lazily, with dims (time, latitude, longitude).
+
+    Global channels stay normalised, because a mean commutes with ``x * std + mean``; local
+    channels are denormalised step by step, because their statistics change with the month.
+    """
+    selection = ds[[channel.variable]].sel(time=slice(*train_period))
+    if crop.statistics is not None and np.isnan(channel.mean):
+        selection = denormalise(selection, crop.statistics)
+    values = selection[channel.variable].sel(latitude=crop.latitude, longitude=crop.longitude)
+    if "level" in values.dims:
+        values = values.isel(level=channel.level_index)
+    if "member" in values.dims:
+        values = values.mean("member")
+    return values.drop_vars([name for name in values.coords if name not in ("time", "latitude", "longitude")])
+
+
+def _crop_climatology(
+    ds: xr.Dataset, crop: _Crop, train_period: tuple[str, str], valid_hours: set[int]
+) -> xr.DataArray:
+    """Build the climatology of a crop's channels in physical units from the training period.
+
+    `tasks.metrics.build_climatology` chooses the hour-of-day or the day-of-year and hour
+    climatology. When the training period lacks an hour of day that the evaluation scores,
+    as with a training period shorter than one day, every hour gets the training-period mean
+    instead, which the attribute ``climatology_kind`` records as ``"mean"``.
+    """
+    series = xr.concat(
+        [_channel_series(ds, crop, channel, train_period) for channel in crop.channels], dim="variable"
+    ).assign_coords(variable=crop.names)
+    climatology = metrics.build_climatology(series, train_period).compute()
+    kind = climatology.attrs["climatology_kind"]
+    if "hour" in climatology.dims and not valid_hours <= set(climatology["hour"].values.tolist()):
+        missing = sorted(valid_hours - set(climatology["hour"].values.tolist()))
+        logger.warning(
+            "the training period %s has no steps at hours %s (UTC) of the evaluation period: the ACC and the "
+            "climatology baseline of %s use the training-period mean at every hour",
+            train_period, missing, crop.names,
+        )
+        climatology = series.mean("time").compute().expand_dims(hour=np.arange(24))
+        kind = "mean"
+
+    if crop.statistics is None:
+        mean = xr.DataArray(crop._mean[0, :, 0, 0, 0], dims="variable")
+        std = xr.DataArray(crop._std[0, :, 0, 0, 0], dims="variable")
+        climatology = climatology.astype(np.float64) * std + mean
+    elif any(not np.isnan(channel.mean) for channel in crop.channels):
+        # A crop with local and global channels: only the global ones are still normalised.
+        mean = xr.DataArray([0.0 if np.isnan(c.mean) else c.mean for c in crop.channels], dims="variable")
+        std = xr.DataArray([1.0 if np.isnan(c.std) else c.std for c in crop.channels], dims="variable")
+        climatology = climatology.astype(np.float64) * std + mean
+    climatology = climatology.transpose(*[dim for dim in ("dayofyear", "hour") if dim in climatology.dims], "variable", ...)
+    climatology.attrs = {"climatology_kind": kind}
+    return climatology
+
+
+def _attach_climatologies(ds: xr.Dataset, crops: dict[str, _Crop], dataset: FieldDataset) -> str:
+    """Build each crop's climatology from ``ds.attrs["train_period"]`` and return its kind."""
+    train_period = ds.attrs.get("train_period")
+    if not train_period or len(train_period) != 2:
+        raise ValueError(
+            "dataset attrs have no 'train_period' (start, end): the ACC and the climatology baseline need "
+            "the training period; evaluate a dataset written by tasks.ingest"
+        )
+    train_period = (str(train_period[0]), str(train_period[1]))
+    hours = {int(hour) for index in range(len(dataset)) for hour in pd.DatetimeIndex(dataset.window_times(index)).hour}
+    kinds = set()
+    for crop in crops.values():
+        crop.climatology = _crop_climatology(ds, crop, train_period, hours)
+        kinds.add(crop.climatology.attrs["climatology_kind"])
+    return ",".join(sorted(kinds))
+
+
+# --- accumulating scores ----------------------------------------------------------------------
+
+
 class _ScoreSums:
-    """Running sample-weighted sums of the per-batch scores of one case and field.
+    """Running sums of the scores of one case and field, per predictor and metric.
 
     Every sample has the same crop and so the same latitude weights, and inputs and
     predictions contain no NaN (both are checked). The pooled weighted mean over all
     samples is therefore the sample-count-weighted mean of the per-batch weighted means.
     RMSE is pooled as MSE and the spread as the ensemble variance, both rooted at the end.
+    The ACC is a sum of per-sample, per-step values with their count. Power spectra are
+    sums of per-batch mean spectra, weighted by the batch size.
     """
 
     def __init__(self, reduce_dims: tuple[str, ...]) -> None:
         self.reduce_dims = reduce_dims
         self.n_samples = 0
+        self.n_members = 1
         self.sums: dict[tuple[str, str], xr.DataArray] = {}
+        self.acc_counts: dict[str, xr.DataArray] = {}
 
     def _accumulate(self, predictor: str, metric: str, batch: int, value: xr.DataArray) -> None:
         key = (predictor, metric)
         self.sums[key] = self.sums.get(key, 0) + batch * value
 
-    def add(self, predictor: str, prediction: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray) -> None:
+    def add(
+        self,
+        predictor: str,
+        prediction: xr.DataArray,
+        truth: xr.DataArray,
+        weights: xr.DataArray,
+        climatology: xr.DataArray,
+    ) -> None:
+        """Add the deterministic scores and the ACC of one predictor's batch."""
         batch = prediction.sizes["sample"]
         self._accumulate(predictor, "rmse", batch, metrics.mse(prediction, truth, weights, self.reduce_dims))
         self._accumulate(predictor, "mae", batch, metrics.mae(prediction, truth, weights, self.reduce_dims))
         self._accumulate(predictor, "bias", batch, metrics.bias(prediction, truth, weights, self.reduce_dims))
 
-    def add_ensemble(
-        self, crps: xr.DataArray, variance: xr.DataArray, baseline_mae: xr.DataArray, weights: xr.DataArray
-    ) -> None:
-        """Add the model's per-point CRPS and ensemble variance, and the baseline's CRPS (its MAE) and spread 0."""
-        batch = crps.sizes["sample"]
-        model_crps = _weighted_mean(crps, weights, self.reduce_dims)
-        self._accumulate("model", "crps", batch, model_crps)
-        self._accumulate("model", "spread", batch, _weighted_mean(variance, weights, self.reduce_dims))
-        self._accumulate("baseline", "crps", batch, baseline_mae)
-        self._accumulate("baseline", "spread", batch, xr.zeros_like(model_crps))
+        # One ACC per sample and step, as WeatherBench 2 scores each initial time and lead.
+        per_field = metrics.acc(prediction, truth, climatology, weights, dims=("latitude", "longitude"))
+        sample_dims = [dim for dim in ("sample", "step") if dim in self.reduce_dims]
+        self.sums[(predictor, "acc")] = self.sums.get((predictor, "acc"), 0) + per_field.sum(sample_dims, skipna=True)
+        self.acc_counts[predictor] = self.acc_counts.get(predictor, 0) + per_field.notnull().sum(sample_dims)
 
-    def result(self, predictor: str, metric: str) -> xr.DataArray:
+    def add_ensemble(self, members: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray) -> None:
+        """Add the model's fair CRPS and ensemble variance; members have a ``member`` dim."""
+        batch = members.sizes["sample"]
+        self.n_members = members.sizes["member"]
+        crps = metrics.crps_ensemble(members, truth, "member", weights=weights, dims=self.reduce_dims)
+        variance = metrics.ensemble_spread(members, "member", weights, self.reduce_dims) ** 2
+        self._accumulate("model", "crps", batch, crps)
+        self._accumulate("model", "spread", batch, variance)
+
+    def add_spectrum(self, name: str, values: xr.DataArray) -> None:
+        """Add the mean power spectrum along longitude of one batch, per variable."""
+        batch = values.sizes["sample"]
+        spectrum = metrics.power_spectrum(values, "longitude", dims=("sample", "step", "latitude"))
+        # Crops of different widths have different wavelengths; the wavenumber stays comparable.
+        spectrum = spectrum.drop_vars("wavelength", errors="ignore")
+        self._accumulate(name, "spectrum", batch, spectrum)
+
+    def has(self, predictor: str, metric: str) -> bool:
+        return (predictor, metric) in self.sums
+
+    def spectrum(self, name: str) -> xr.DataArray | None:
+        if not self.has(name, "spectrum"):
+            return None
+        return self.sums[(name, "spectrum")] / self.n_samples
+
+    def result(self, predictor: str, metric: str, template: xr.DataArray) -> xr.DataArray:
+        """Return one pooled score; `template` (zeros of the score's shape) shapes the NaN of undefined ones."""
+        if metric == "acc" and predictor in self.acc_counts:
+            counts = self.acc_counts[predictor]
+            return self.sums[(predictor, "acc")] / counts.where(counts > 0)
+        if metric in ("crps", "spread") and predictor != "model" and self.has("model", metric):
+            # A deterministic baseline has spread 0, and its CRPS is its MAE.
+            return template * 0 if metric == "spread" else self.result(predictor, "mae", template)
+        if metric == "spread_skill_ratio":
+            if predictor != "model" or not self.has("model", "spread"):
+                return template * np.nan
+            spread = self.result("model", "spread", template)
+            skill = self.result("model", "rmse", template)
+            return np.sqrt((self.n_members + 1) / self.n_members) * spread / skill
+        if metric == "small_scale_power_ratio":
+            predicted, truth = self.spectrum(predictor), self.spectrum("truth")
+            if predicted is None or truth is None:
+                return template * np.nan
+            small_scales = truth["wavenumber"] > truth.sizes["wavenumber"] / 2
+            return predicted.where(small_scales).sum("wavenumber") / truth.where(small_scales).sum("wavenumber")
+        if not self.has(predictor, metric):
+            return template * np.nan
         mean = self.sums[(predictor, metric)] / self.n_samples
         return np.sqrt(mean) if metric in ("rmse", "spread") else mean
-
-    def has(self, metric: str) -> bool:
-        return ("model", metric) in self.sums
-
-
-def _weighted_mean(values: xr.DataArray, weights: xr.DataArray, dims: tuple[str, ...]) -> xr.DataArray:
-    """Return the latitude-weighted mean of NaN-free values over `dims`, as `tasks.metrics` weighs."""
-    return (values * weights).mean(dim=dims) / weights.mean()
 
 
 def _predict(
@@ -369,9 +570,71 @@ class _FieldScores:
     sums: _ScoreSums
 
 
+@dataclass
+class _ExampleChoice:
+    """The sample kept for a field's maps: its distance to the map time and its arrays."""
+
+    distance: float = np.inf
+    example: xr.Dataset | None = None
+
+
 def _denormalise_members(crop: _Crop, members: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
     """Denormalise members [B, E, L, T, H, W] one member at a time, as `_Crop.denormalise` takes [B, L, T, H, W]."""
     return np.stack([crop.denormalise(members[:, member], times) for member in range(members.shape[1])], axis=1)
+
+
+def _map_distances(times: np.ndarray, map_time: np.datetime64 | None) -> np.ndarray:
+    """Return, per sample, how far its scored steps [B, S] are from `map_time` in hours (0 for None)."""
+    if map_time is None:
+        return np.zeros(times.shape[0])
+    return np.abs((times - map_time) / np.timedelta64(1, "h")).min(axis=1)
+
+
+def _score_field(
+    case: _Case,
+    scores: _FieldScores,
+    members: np.ndarray,
+    normalised_truth: np.ndarray,
+    times: np.ndarray,
+    scored: slice,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray | None], np.ndarray | None]:
+    """Add one batch of one field to its sums; return truth, prediction, baselines and spread, scored steps only."""
+    crop, sums = scores.crop, scores.sums
+    lead_time = np.arange(1, scored.stop - scored.start + 1) if case.task == "forecast" else None
+    physical_members = _denormalise_members(crop, members, times)[:, :, :, scored]
+    predicted = physical_members.mean(axis=1)
+    truth = crop.denormalise(normalised_truth, times)
+    if not np.isfinite(truth).all():
+        raise ValueError(
+            f"field {scores.field.name!r} contains NaN or infinite values in the windows of the {case.task} task"
+        )
+    climatology = crop.climatology_at(times[:, scored])
+    predictions = _baselines(case, truth, scored, climatology)
+    truth = truth[:, :, scored]
+
+    truth_field = crop.as_field(truth, lead_time)
+    climatology_field = crop.as_field(climatology, lead_time)
+    sums.add("model", crop.as_field(predicted, lead_time), truth_field, crop.weights, climatology_field)
+    for name, values in predictions.items():
+        if values is not None:
+            sums.add(name, crop.as_field(values, lead_time), truth_field, crop.weights, climatology_field)
+
+    spread = None
+    if physical_members.shape[1] > 1:
+        member_fields = xr.concat(
+            [crop.as_field(physical_members[:, member], lead_time) for member in range(physical_members.shape[1])],
+            dim="member",
+        )
+        sums.add_ensemble(member_fields, truth_field, crop.weights)
+        spread = physical_members.std(axis=1, ddof=1)
+
+    if case.task == "downscaling":
+        sums.add_spectrum("truth", truth_field)
+        sums.add_spectrum("model", crop.as_field(predicted))
+        for name, values in predictions.items():
+            sums.add_spectrum(name, crop.as_field(values))
+    sums.n_samples += truth.shape[0]
+    return truth, predicted, predictions, spread
 
 
 def _run_case(
@@ -382,21 +645,16 @@ def _run_case(
     case: _Case,
     batch_size: int,
     device: torch.device,
-) -> tuple[list[_FieldScores], xr.Dataset]:
-    """Run the model over all windows for one case and return its scores per field and first example."""
+    map_time: np.datetime64 | None,
+) -> tuple[list[_FieldScores], list[xr.Dataset]]:
+    """Run the model over all windows for one case; return its scores per field and one example per field."""
     scored = _scored_steps(case, config)
-    if case.task == "forecast":
-        lead_time = np.arange(1, scored.stop - scored.start + 1)
-        reduce_dims = ("sample", "latitude", "longitude")
-    else:
-        lead_time = None
-        reduce_dims = ("sample", "step", "latitude", "longitude")
+    reduce_dims = ("sample", "latitude", "longitude") if case.task == "forecast" else ("sample", "step", "latitude", "longitude")
     field_scores = [
-        _FieldScores(field, crops[field.name], _ScoreSums(reduce_dims)) for field in config.model.fields
+        _FieldScores(field_config, crops[field_config.name], _ScoreSums(reduce_dims)) for field_config in config.model.fields
     ]
+    choices = [_ExampleChoice() for _ in field_scores]
 
-    example_parts: list[xr.Dataset] = []
-    first_batch = True
     n_batches = -(-len(dataset) // batch_size)
     batches = tqdm(_batches(dataset, batch_size), total=n_batches, desc=_title(case), leave=False)
     for batch_index, (fields, time_features) in enumerate(batches):
@@ -404,56 +662,35 @@ def _run_case(
         members = _predict(model, case, fields, time_features, config)
         first_window = batch_index * batch_size
         times = np.stack([dataset.window_times(first_window + row) for row in range(len(time_features))])
-        for scores in field_scores:
-            name, crop, sums = scores.field.name, scores.crop, scores.sums
-            physical_members = _denormalise_members(crop, members[name], times)
-            predicted = physical_members.mean(axis=1)
-            truth = crop.denormalise(fields[name].cpu().numpy(), times)
-            if not np.isfinite(truth).all():
-                raise ValueError(
-                    f"field {name!r} contains NaN or infinite values in the windows of the {case.task} task"
+        distances = _map_distances(times[:, scored], map_time)
+        best = int(np.argmin(distances))
+
+        for scores, choice in zip(field_scores, choices, strict=True):
+            name = scores.field.name
+            truth, predicted, predictions, spread = _score_field(
+                case, scores, members[name], fields[name].cpu().numpy(), times, scored
+            )
+            if distances[best] < choice.distance:
+                choice.distance = float(distances[best])
+                primary = predictions[BASELINES[case.task][0]]
+                choice.example = _example(
+                    case, scores.crop, times[best, scored], truth[best], predicted[best], primary[best],
+                    None if spread is None else spread[best], map_time,
                 )
-            baseline = _baseline(case, truth, scored, config.masking.coarsen_factor)
 
-            truth_field = crop.as_field(truth[:, :, scored], lead_time)
-            sums.add("model", crop.as_field(predicted[:, :, scored], lead_time), truth_field, crop.weights)
-            sums.add("baseline", crop.as_field(baseline, lead_time), truth_field, crop.weights)
-            spread = None
-            if physical_members.shape[1] > 1:
-                scored_members = torch.from_numpy(physical_members[:, :, :, scored])
-                crps = fair_crps(scored_members, torch.from_numpy(truth[:, :, scored])).numpy()
-                variance = physical_members[:, :, :, scored].var(axis=1, ddof=1)
-                baseline_mae = metrics.mae(crop.as_field(baseline, lead_time), truth_field, crop.weights, reduce_dims)
-                sums.add_ensemble(
-                    crop.as_field(crps, lead_time), crop.as_field(variance, lead_time), baseline_mae, crop.weights
-                )
-                spread = np.sqrt(variance[0])
-            sums.n_samples += truth.shape[0]
-
-            if first_batch:
-                times = dataset.window_times(0)[scored]
-                example_parts.append(
-                    _example(case, crop, times, truth[0, :, scored], predicted[0, :, scored], baseline[0], spread)
-                )
-        first_batch = False
-
-    return field_scores, _merge_examples(example_parts)
+    return field_scores, [choice.example for choice in choices]
 
 
-def _merge_examples(parts: list[xr.Dataset]) -> xr.Dataset:
-    """Stack the fields' examples along `variable`, keeping those on the first field's crop.
-
-    NOTE: a field with another token size or count has another crop and is left out of the
-    example maps. Its scores are complete.
-    """
-    first = parts[0]
-    same_grid = [
-        part
-        for part in parts
-        if part.sizes["latitude"] == first.sizes["latitude"] and part.sizes["longitude"] == first.sizes["longitude"]
-    ]
-    merged = xr.concat(same_grid, dim="variable")
-    merged.attrs = first.attrs
+def _group_examples(parts: list[xr.Dataset]) -> list[xr.Dataset]:
+    """Stack the fields' examples along `variable`, one Dataset per crop shape, in field order."""
+    groups: dict[tuple[int, int], list[xr.Dataset]] = {}
+    for part in parts:
+        groups.setdefault((part.sizes["latitude"], part.sizes["longitude"]), []).append(part)
+    merged = []
+    for same_grid in groups.values():
+        group = xr.concat(same_grid, dim="variable")
+        group.attrs = same_grid[0].attrs
+        merged.append(group)
     return merged
 
 
@@ -464,7 +701,8 @@ def _example(
     truth: np.ndarray,
     predicted: np.ndarray,
     baseline: np.ndarray,
-    spread: np.ndarray | None = None,
+    spread: np.ndarray | None,
+    map_time: np.datetime64 | None,
 ) -> xr.Dataset:
     """Keep one sample's scored steps, each [C, S, H, W] in physical units, as maps."""
     coords = {
@@ -484,14 +722,16 @@ def _example(
     }
     if spread is not None:
         data_vars["spread"] = (dims, spread.astype(np.float32))
+    shown = times[-1] if map_time is None else times[int(np.argmin(np.abs(times - map_time)))]
     return xr.Dataset(
         data_vars,
         coords=coords,
         attrs={
             "task": case.task,
-            "baseline": BASELINES[case.task],
+            "baseline": BASELINES[case.task][0],
             "title": _title(case),
             "label_value": case.label,
+            "map_time": str(np.datetime_as_string(shown, unit="m")),
         },
     )
 
@@ -505,7 +745,7 @@ def _title(case: _Case) -> str:
     return f"downscaling, factor {case.label}"
 
 
-def _label(task: str, value: int) -> str:
+def score_label(task: str, value: int) -> str:
     """Return the lead or gap part of a metric name: ``lead_3h``, ``gap_2h`` or ``factor_4``."""
     if task == "forecast":
         return f"lead_{value}h"
@@ -514,78 +754,145 @@ def _label(task: str, value: int) -> str:
     return f"factor_{value}"
 
 
-def _case_result(field_scores: list[_FieldScores], predictor: str, metric: str) -> xr.DataArray:
-    """Return one case's score with dims (variable, ...) over the channels of all fields."""
-    return xr.concat([scores.sums.result(predictor, metric) for scores in field_scores], dim="variable")
+# --- assembling the results -------------------------------------------------------------------
 
 
-def _collect_scores(case_sums: list[tuple[_Case, list[_FieldScores]]], metric_names: Sequence[str]) -> xr.Dataset:
+def _task_metrics(task: str, ensemble: bool) -> tuple[str, ...]:
+    names = METRICS + (ENSEMBLE_METRICS if ensemble else ())
+    return names + (SPECTRAL_METRICS if task == "downscaling" else ())
+
+
+def _case_values(case: _Case, field_scores: list[_FieldScores], predictor: str, metric: str) -> xr.DataArray:
+    """Return one case's score with dims (variable, <score dim>) over the channels of all fields."""
+    per_field = []
+    for scores in field_scores:
+        zeros = scores.sums.result("model", "rmse", None) * 0
+        per_field.append(scores.sums.result(predictor, metric, zeros))
+    values = xr.concat(per_field, dim="variable")
+    dim = SCORE_DIMS[case.task]
+    if case.task == "forecast":
+        return values.rename(step=dim).transpose("variable", dim)
+    return values.expand_dims({dim: [case.label]}).transpose("variable", dim)
+
+
+def _collect_spectra(entries: list[tuple[_Case, list[_FieldScores]]]) -> xr.DataArray:
+    """Stack the downscaling spectra to dims (spectrum_of, variable, factor, wavenumber), NaN-padded."""
+    names = ("truth", "model", *BASELINES["downscaling"])
+    per_factor = []
+    for case, field_scores in entries:
+        per_name = [
+            xr.concat([scores.sums.spectrum(name) for scores in field_scores], dim="variable", join="outer")
+            for name in names
+        ]
+        per_factor.append(xr.concat(per_name, dim="spectrum_of", join="outer").expand_dims(factor=[case.label]))
+    spectra = xr.concat(per_factor, dim="factor", join="outer").assign_coords(spectrum_of=list(names))
+    spectra.attrs = {"description": "power spectrum along longitude, mean over samples, steps and latitudes"}
+    return spectra.transpose("spectrum_of", "variable", "factor", "wavenumber")
+
+
+def _collect_scores(case_sums: list[tuple[_Case, list[_FieldScores]]], ensemble: bool) -> xr.Dataset:
     """Assemble the scores Dataset from the running sums of every case and field."""
     by_task: dict[str, list[tuple[_Case, list[_FieldScores]]]] = {}
     for case, field_scores in case_sums:
         by_task.setdefault(case.task, []).append((case, field_scores))
+    predictors = ["model"] + [name for task in by_task for name in BASELINES[task]]
 
     data_vars = {}
     for task, entries in by_task.items():
         dim = SCORE_DIMS[task]
-        for metric in metric_names:
+        for metric in _task_metrics(task, ensemble):
             per_predictor = []
-            for predictor in PREDICTORS:
-                per_case = []
-                for case, field_scores in entries:
-                    values = _case_result(field_scores, predictor, metric)
-                    if task == "forecast":
-                        values = values.rename(step=dim).transpose("variable", dim)
-                    else:
-                        values = values.expand_dims({dim: [case.label]}).transpose("variable", dim)
-                    per_case.append(values)
+            for predictor in ("model", *BASELINES[task]):
+                per_case = [_case_values(case, field_scores, predictor, metric) for case, field_scores in entries]
                 per_predictor.append(xr.concat(per_case, dim=dim))
-            data = xr.concat(per_predictor, dim=xr.DataArray(list(PREDICTORS), dims="predictor"))
-            data.attrs = {"baseline": BASELINES[task], "metric": metric}
+            data = xr.concat(per_predictor, dim=xr.DataArray(["model", *BASELINES[task]], dims="predictor"))
+            data = data.reindex(predictor=predictors)
+            data.attrs = {"baselines": list(BASELINES[task]), "metric": metric}
             data_vars[f"{task}_{metric}"] = data
+        if task == "downscaling":
+            data_vars["downscaling_spectrum"] = _collect_spectra(entries)
 
     scores = xr.Dataset(data_vars)
-    crops = [scores.crop for scores in case_sums[0][1]]
-    names = [name for crop in crops for name in crop.names]
-    units = [unit for crop in crops for unit in crop.units]
-    scores = scores.assign_coords(variable=names, units=("variable", units))
+    crops = [field_scores.crop for field_scores in case_sums[0][1]]
+    channels = [channel for crop in crops for channel in crop.channels]
+    scores = scores.assign_coords(
+        variable=[channel.name for channel in channels],
+        units=("variable", [channel.units for channel in channels]),
+        field=("variable", [channel.variable for channel in channels]),
+        level=("variable", [np.nan if channel.level is None else float(channel.level) for channel in channels]),
+    )
     for dim, unit in (("lead_time", "h"), ("gap", "h"), ("factor", "1")):
         if dim in scores.coords:
             scores[dim].attrs["units"] = unit
     return scores
 
 
-def _flatten(scores: xr.Dataset) -> tuple[dict[str, float], pd.DataFrame]:
-    """Turn the scores Dataset into flat metric names and a comparison table."""
+def flatten_scores(scores: xr.Dataset) -> tuple[dict[str, float], pd.DataFrame]:
+    """Turn a scores Dataset into flat metric names and a model-against-baseline table.
+
+    The metric names follow ``<task>/<metric>/<variable>/<label>`` for the model and
+    ``<task>/<metric>_<baseline>/<variable>/<label>`` for each baseline; NaN scores get no
+    name. The table has one row per baseline, NaN where a score is not defined.
+    """
     flat: dict[str, float] = {}
     rows = []
     for task, dim in SCORE_DIMS.items():
-        for metric in (*METRICS, *ENSEMBLE_METRICS):
+        for metric in (*METRICS, *ENSEMBLE_METRICS, *SPECTRAL_METRICS):
             key = f"{task}_{metric}"
             if key not in scores:
                 continue
             data = scores[key]
-            baseline_name = data.attrs["baseline"]
+            baseline_names = [str(name) for name in np.atleast_1d(data.attrs["baselines"])]
             for variable in data["variable"].values:
                 for value in data[dim].values:
-                    label = _label(task, int(value))
-                    model_score = float(data.sel(predictor="model", variable=variable, **{dim: value}))
-                    baseline_score = float(data.sel(predictor="baseline", variable=variable, **{dim: value}))
-                    flat[f"{task}/{metric}/{variable}/{label}"] = model_score
-                    flat[f"{task}/{metric}_{baseline_name}/{variable}/{label}"] = baseline_score
-                    rows.append(
-                        {
-                            "task": task,
-                            "metric": metric,
-                            "variable": str(variable),
-                            "lead_or_gap": label,
-                            "model": model_score,
-                            "baseline": baseline_name,
-                            "baseline_value": baseline_score,
-                            "difference": model_score - baseline_score,
-                        }
-                    )
+                    label = score_label(task, int(value))
+                    point = data.sel(variable=variable, **{dim: value})
+                    model_score = float(point.sel(predictor="model"))
+                    if np.isfinite(model_score):
+                        flat[f"{task}/{metric}/{variable}/{label}"] = model_score
+                    for baseline in baseline_names:
+                        baseline_score = float(point.sel(predictor=baseline))
+                        if np.isfinite(baseline_score):
+                            flat[f"{task}/{metric}_{baseline}/{variable}/{label}"] = baseline_score
+                        rows.append(
+                            {
+                                "task": task,
+                                "metric": metric,
+                                "variable": str(variable),
+                                "lead_or_gap": label,
+                                "model": model_score,
+                                "baseline": baseline,
+                                "baseline_value": baseline_score,
+                                "difference": model_score - baseline_score,
+                            }
+                        )
     return flat, pd.DataFrame(rows)
+
+
+def _crops(config: RunConfig, ds: xr.Dataset, dataset: FieldDataset) -> dict[str, _Crop]:
+    """Build each field's crop with its channels and, for local normalisation, loaded statistics."""
+    channels = _channels(config, ds)
+    crops = {}
+    for field_config in config.model.fields:
+        field_channels, channels = channels[: field_config.num_levels], channels[field_config.num_levels :]
+        latitude, longitude = dataset.field_coordinates(field_config.name)
+        local = any(np.isnan(channel.mean) for channel in field_channels)
+        crops[field_config.name] = _Crop(field_channels, latitude, longitude, dataset_statistics(ds) if local else None)
+    return crops
+
+
+def _parse_map_time(map_time: str | None, period: tuple[str, str]) -> np.datetime64 | None:
+    """Check that `map_time` lies in the evaluation period and return it as datetime64[ns]."""
+    if map_time is None:
+        return None
+    try:
+        chosen = pd.Timestamp(map_time)
+    except ValueError as error:
+        raise ValueError(f"map_time {map_time!r} is not an ISO 8601 time: {error}") from error
+    start, end = (pd.Timestamp(bound) for bound in period)
+    if not start <= chosen <= end:
+        raise ValueError(f"map_time {map_time} lies outside the evaluation period {period[0]} .. {period[1]}")
+    return np.datetime64(chosen.to_datetime64(), "ns")
 
 
 def evaluate_zero_shot(
@@ -597,6 +904,8 @@ def evaluate_zero_shot(
     window_stride: int = 6,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    downscaling_factors: Sequence[int] = DEFAULT_DOWNSCALING_FACTORS,
+    map_time: str | None = None,
 ) -> EvaluationResult:
     """Score a pretrained model on masked forecasting, interpolation and downscaling.
 
@@ -607,16 +916,22 @@ def evaluate_zero_shot(
         deterministic model). The model is moved to ``device`` and put in eval mode for
         the evaluation, and its train/eval mode is restored afterwards.
     config: the run configuration the model was trained with.
-    ds: a normalised dataset with ``statistics`` and ``test_period`` attrs.
+    ds: a normalised dataset with ``statistics``, ``train_period`` and ``test_period``
+        attrs. The training period gives the climatology.
     period: inclusive ISO bounds of the evaluation period, ``ds.attrs["test_period"]``
         when None.
     tasks: a subset of ``("forecast", "interpolation", "downscaling")``.
     window_stride: time steps between the starts of consecutive windows.
     batch_size: windows per model call.
     device: where the model and each batch run. NOTE: only "cpu" has been run in tests.
+    downscaling_factors: coarsening factors of the downscaling task; each must divide the
+        spatial token size of every field.
+    map_time: ISO time inside the period that the example maps show; by default the last
+        scored step of the first window.
 
     Raises ValueError when the period contains no complete window, the fields contain
-    NaN, or the model returns a wrong shape or non-finite values.
+    NaN, a factor or the map time does not fit, or the model returns a wrong shape or
+    non-finite values.
     """
     if period is None:
         if not ds.attrs.get("test_period"):
@@ -625,18 +940,14 @@ def evaluate_zero_shot(
     if window_stride < 1 or batch_size < 1:
         raise ValueError(f"window_stride and batch_size must be at least 1, got {window_stride} and {batch_size}")
 
-    cases = _cases(config, tasks)
+    cases = _cases(config, tasks, downscaling_factors)
+    chosen_time = _parse_map_time(map_time, period)
     dataset = FieldDataset(ds, config.model, period, time_stride=window_stride, random_crop=False)
-    channels = _channels(config, ds)
-    crops = {}
-    for field in config.model.fields:
-        field_channels, channels = channels[: field.num_levels], channels[field.num_levels :]
-        latitude, longitude = dataset.field_coordinates(field.name)
-        local = any(np.isnan(channel.mean) for channel in field_channels)
-        crops[field.name] = _Crop(field_channels, latitude, longitude, dataset_statistics(ds) if local else None)
+    crops = _crops(config, ds, dataset)
+    climatology_kind = _attach_climatologies(ds, crops, dataset)
     logger.info(
-        "zero-shot evaluation on %s: %d windows every %d steps, tasks %s",
-        period, len(dataset), window_stride, list(tasks),
+        "zero-shot evaluation on %s: %d windows every %d steps, tasks %s, %s climatology",
+        period, len(dataset), window_stride, list(tasks), climatology_kind,
     )
 
     device = torch.device(device)
@@ -647,31 +958,38 @@ def evaluate_zero_shot(
         case_sums = []
         examples: dict[str, xr.Dataset] = {}
         for case in cases:
-            field_scores, example = _run_case(model, config, dataset, crops, case, batch_size, device)
+            field_scores, parts = _run_case(model, config, dataset, crops, case, batch_size, device, chosen_time)
             case_sums.append((case, field_scores))
-            # Interpolation keeps the example of its longest gap.
+            # Interpolation keeps the example of its longest gap, downscaling of its largest factor.
             previous = examples.get(case.task)
             if previous is None or case.label > previous.attrs["label_value"]:
-                examples[case.task] = example
+                groups = _group_examples(parts)
+                examples[case.task] = groups[0]
+                for group in groups[1:]:
+                    examples[f"{case.task}-{group['variable'].values[0]}"] = group
     finally:
         model.train(was_training)
 
-    has_ensemble = all(scores.sums.has("crps") for _, field_scores in case_sums for scores in field_scores)
-    scores = _collect_scores(case_sums, (*METRICS, *ENSEMBLE_METRICS) if has_ensemble else METRICS)
+    ensemble = all(scores.sums.has("model", "crps") for _, field_scores in case_sums for scores in field_scores)
+    scores = _collect_scores(case_sums, ensemble)
     scores.attrs = {
         "period": list(period),
         "n_samples": len(dataset),
         "window_stride": window_stride,
         "sample_shape": list(config.model.sample_shape),
+        "climatology_kind": climatology_kind,
+        "train_period": [str(bound) for bound in ds.attrs["train_period"]],
+        "ensemble_size": int(config.model.ensemble_size),
     }
-    flat, table = _flatten(scores)
+    flat, table = flatten_scores(scores)
     for task in dict.fromkeys(case.task for case in cases):
         rmse = scores[f"{task}_rmse"]
         logger.info(
-            "%s RMSE model %s, %s %s",
+            "%s RMSE %s",
             task,
-            np.round(rmse.sel(predictor="model").values, 3).tolist(),
-            BASELINES[task],
-            np.round(rmse.sel(predictor="baseline").values, 3).tolist(),
+            {
+                str(predictor): np.round(rmse.sel(predictor=predictor).values, 3).tolist()
+                for predictor in ("model", *BASELINES[task])
+            },
         )
     return EvaluationResult(metrics=flat, scores=scores, table=table, examples=examples)

@@ -112,8 +112,8 @@ CF_PRESSURE_LEVEL_NAMES = {
 }
 # CF standard names used as variable names for ERA5 single-level fields, and the ERA5 short
 # name of each. A name whose meaning depends on the height above ground maps heights in m
-# to short names; the height comes from a scalar `height` coordinate or the long_name
-# ("2 metre temperature"). Without a height such a variable keeps its name.
+# to short names. The height comes from a scalar `height` coordinate or from the long_name
+# ("2 metre temperature"), and without one such a variable keeps its name.
 CF_SINGLE_LEVEL_NAMES: dict[str, str | dict[float, str]] = {
     "air_temperature": {2.0: "t2m"},
     "dew_point_temperature": {2.0: "d2m"},

@@ -114,7 +114,7 @@ def cell_area_weights(latitude: xr.DataArray | np.ndarray | Iterable[float]) -> 
     order = np.argsort(degrees.values)
     ascending = degrees.values[order]
     if np.any(np.diff(ascending) == 0):
-        raise ValueError(f"latitude contains repeated values: {degrees.values}")
+        raise ValueError(f"latitude contains repeated values: {degrees.values}. Pass distinct latitudes")
     midpoints = (ascending[:-1] + ascending[1:]) / 2
     first = ascending[0] - (ascending[1] - ascending[0]) / 2
     last = ascending[-1] + (ascending[-1] - ascending[-2]) / 2
@@ -222,28 +222,29 @@ def _hour_climatology(train: XarrayT, time_dim: str) -> XarrayT:
 def _dayofyear_hour_climatology(train: XarrayT, time_dim: str, window_days: int) -> XarrayT:
     """Mean by (day of year, hour) over a circular window of +-window_days days."""
     times = pd.DatetimeIndex(train[time_dim].values)
+    hours_present = np.unique(np.asarray(times.hour))
+    hour_index = np.searchsorted(hours_present, np.asarray(times.hour))
     slot = xr.DataArray(
-        (np.asarray(times.day_of_year) - 1) * HOURS_PER_DAY + np.asarray(times.hour), dims=time_dim, name="slot"
+        (np.asarray(times.day_of_year) - 1) * hours_present.size + hour_index, dims=time_dim, name="slot"
     )
-    all_slots = np.arange(DAYS_PER_YEAR * HOURS_PER_DAY)
+    all_slots = np.arange(DAYS_PER_YEAR * hours_present.size)
     sums = train.fillna(0).groupby(slot).sum(time_dim).reindex(slot=all_slots, fill_value=0)
     counts = train.notnull().groupby(slot).sum(time_dim).reindex(slot=all_slots, fill_value=0)
 
-    # Unstack the slot index into dayofyear (1..366) by hour (0..23).
+    # Unstack the slot index into dayofyear (1..366) by the hours of day present.
     index = pd.MultiIndex.from_product(
-        [np.arange(1, DAYS_PER_YEAR + 1), np.arange(HOURS_PER_DAY)], names=["dayofyear", "hour"]
+        [np.arange(1, DAYS_PER_YEAR + 1), hours_present], names=["dayofyear", "hour"]
     )
     coordinates = xr.Coordinates.from_pandas_multiindex(index, "slot")
     sums = sums.assign_coords(coordinates).unstack("slot")
     counts = counts.assign_coords(coordinates).unstack("slot")
 
-    # Sum each (day, hour) over the days within the window; the year wraps around.
-    window_sums = sum(sums.roll(dayofyear=shift, roll_coords=False) for shift in range(-window_days, window_days + 1))
-    window_counts = sum(counts.roll(dayofyear=shift, roll_coords=False) for shift in range(-window_days, window_days + 1))
+    # Sum each (day, hour) over the days within the window, which wraps around the year end.
+    shifts = range(-window_days, window_days + 1)
+    window_sums = sum(sums.roll(dayofyear=shift, roll_coords=False) for shift in shifts)
+    window_counts = sum(counts.roll(dayofyear=shift, roll_coords=False) for shift in shifts)
     climatology = window_sums / window_counts.where(window_counts > 0)
-
-    hours_present = np.unique(np.asarray(times.hour))
-    return climatology.sel(hour=hours_present).transpose("dayofyear", "hour", ...)
+    return climatology.transpose("dayofyear", "hour", ...)
 
 
 def build_climatology(
@@ -277,12 +278,14 @@ def build_climatology(
       a mean of a few days, which is weather rather than climate.
 
     NaN values are skipped. The result carries attrs ``climatology_kind``,
-    ``train_period`` and, for day of year, ``window_days``.
+    ``train_period`` and, for day of year, ``window_days``. It is computed in memory, and
+    a day-of-year climatology contains 366 x (hours per day) fields per variable.
     """
     if kind not in ("auto", *CLIMATOLOGY_KINDS):
         raise ValueError(f"kind must be 'auto', 'hour' or 'dayofyear_hour', got {kind!r}")
-    if window_days < 0 or window_days > DAYS_PER_YEAR // 2:
-        raise ValueError(f"window_days must lie in [0, {DAYS_PER_YEAR // 2}], got {window_days}")
+    max_window_days = (DAYS_PER_YEAR - 1) // 2
+    if window_days < 0 or window_days > max_window_days:
+        raise ValueError(f"window_days must lie in [0, {max_window_days}] so no day counts twice, got {window_days}")
     if min_years < 1:
         raise ValueError(f"min_years must be at least 1, got {min_years}")
 
@@ -469,9 +472,9 @@ def spread_skill_ratio(
 ) -> XarrayT:
     """Compute the spread-skill ratio ``sqrt((M + 1) / M) * spread / rmse(ensemble mean)``.
 
-    spread: `ensemble_spread` (pooled unbiased member variance, rooted); the RMSE is that
-    of the ensemble mean against ``truth``, pooled over the same ``dims`` with the same
-    weights. When the truth behaves like one more member drawn from the same
+    The spread is `ensemble_spread`, the square root of the pooled unbiased member
+    variance. The RMSE is that of the ensemble mean against ``truth``, pooled over the
+    same ``dims`` with the same weights. When the truth behaves like one more member drawn from the same
     distribution, ``E[(mean - y)^2] = (M + 1) / M * E[s^2]``, so the factor makes the
     ratio 1 for a reliable ensemble of any size M. Below 1 the ensemble is under-dispersive
     (too confident), above 1 over-dispersive.
@@ -545,7 +548,9 @@ def power_spectrum(
     n_points = field.sizes[dim]
     if n_points < 4:
         raise ValueError(f"a spectrum along {dim!r} needs at least 4 points, got {n_points}")
-    if bool(field.isnull().any()):
+    missing = field.isnull().any()
+    has_missing = any(bool(flag) for flag in missing.data_vars.values()) if isinstance(missing, xr.Dataset) else bool(missing)
+    if has_missing:
         raise ValueError(f"field contains NaN: fill or crop missing values before computing a spectrum along {dim!r}")
 
     spectra = xr.apply_ufunc(
@@ -631,7 +636,10 @@ def score_table(
             f"unknown scores {unknown}: choose from {sorted(DETERMINISTIC_SCORES) + sorted(ENSEMBLE_SCORES)}"
         )
     if member_dim is None and any(name in ENSEMBLE_SCORES for name in scores):
-        raise ValueError(f"scores {[n for n in scores if n in ENSEMBLE_SCORES]} need member_dim, the ensemble dimension")
+        raise ValueError(
+            f"scores {[n for n in scores if n in ENSEMBLE_SCORES]} need an ensemble: pass member_dim, the "
+            "name of the prediction's member dimension"
+        )
 
     point_prediction = prediction if member_dim is None else prediction.mean(member_dim, skipna=False)
     results = []

@@ -1,4 +1,4 @@
-"""PNG figures: zero-shot example maps, skill curves and masked autoencoder reconstructions.
+"""PNG figures: zero-shot example maps, skill curves, power spectra and masked autoencoder reconstructions.
 
 Figures are drawn on matplotlib's Agg canvas directly, without pyplot, so plotting
 changes no global backend state and works without a display. Every PNG is written to a
@@ -19,6 +19,9 @@ from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
+# Scores that are ratios or correlations, drawn without units.
+UNITLESS_METRICS = ("acc", "spread_skill_ratio", "small_scale_power_ratio")
+
 SKILL_AXES = {
     "forecast": ("lead_time", "lead time (h)"),
     "interpolation": ("gap", "gap length (h)"),
@@ -26,7 +29,7 @@ SKILL_AXES = {
 }
 
 
-def _save_atomically(figure: Figure, path: Path) -> Path:
+def save_figure(figure: Figure, path: Path) -> Path:
     """Write a figure as PNG through a temporary file and os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,16 +50,17 @@ def plot_maps(
     example: xr.Dataset,
     path: str | Path,
     variable: str | None = None,
-    time_index: int = -1,
+    time: str | np.datetime64 | None = None,
 ) -> Path:
-    """Draw truth, prediction and error maps of one evaluation example as a PNG.
+    """Draw truth, prediction, error and spread maps of one evaluation example as a PNG.
 
-    example: an entry of `EvaluationResult.examples`, with ``truth``, ``prediction`` and
-    ``baseline`` of dims (variable, time, latitude, longitude) in physical units.
-    The panels are truth, prediction, prediction minus truth and baseline minus truth at
-    one time step (the last scored step by default) of one variable (the first by
-    default). Truth and prediction share one colour scale, and the two errors share a
-    symmetric one. Returns the path written.
+    example: an entry of `EvaluationResult.examples`, with ``truth``, ``prediction``,
+    ``baseline`` and, for an ensemble, ``spread``, of dims (variable, time, latitude,
+    longitude) in physical units. The panels are truth, prediction, prediction minus
+    truth, baseline minus truth and the ensemble spread when present, at one time step of
+    one variable (the first by default). The step is `time`, else the example's
+    ``map_time`` attribute, else the last step. Truth and prediction share one colour
+    scale, and the two errors share a symmetric one. Returns the path written.
     """
     if variable is None:
         variable = str(example["variable"].values[0])
@@ -64,7 +68,18 @@ def plot_maps(
         raise ValueError(
             f"variable {variable!r} not found in the example; it has {example['variable'].values.tolist()}"
         )
-    frame = example.sel(variable=variable).isel(time=time_index)
+    chosen = time if time is not None else example.attrs.get("map_time")
+    frame = example.sel(variable=variable)
+    if chosen is None:
+        frame = frame.isel(time=-1)
+    else:
+        stamp = np.datetime64(str(chosen), "ns")
+        if stamp not in frame["time"].values:
+            raise ValueError(
+                f"time {chosen} is not a step of the example, whose steps run from "
+                f"{frame['time'].values[0]} to {frame['time'].values[-1]}"
+            )
+        frame = frame.sel(time=stamp)
     units = str(frame["units"].values) if "units" in frame.coords else ""
     baseline_name = example.attrs.get("baseline", "baseline")
 
@@ -81,8 +96,11 @@ def plot_maps(
         ("prediction - truth", model_error, "RdBu_r", (-error_limit, error_limit)),
         (f"{baseline_name} - truth", baseline_error, "RdBu_r", (-error_limit, error_limit)),
     ]
+    if "spread" in frame:
+        spread = frame["spread"].values
+        panels.append(("ensemble spread", spread, "magma", (0.0, float(max(spread.max(), 1e-6)))))
 
-    figure = Figure(figsize=(16, 3.8), layout="constrained")
+    figure = Figure(figsize=(4 * len(panels), 3.8), layout="constrained")
     axes = figure.subplots(1, len(panels), sharey=True)
     longitude = frame["longitude"].values
     latitude = frame["latitude"].values
@@ -96,44 +114,94 @@ def plot_maps(
 
     valid_time = np.datetime_as_string(frame["time"].values, unit="m")
     figure.suptitle(f"{example.attrs.get('title', '')}: {variable} at {valid_time}")
-    return _save_atomically(figure, Path(path))
+    return save_figure(figure, Path(path))
 
 
-def plot_skill(scores: xr.Dataset, path: str | Path, metric: str = "rmse") -> Path:
-    """Plot a score against lead time, gap length and coarsening factor, model versus baseline.
+def panel_grid(figure: Figure, count: int, columns: int = 4) -> list:
+    """Return `count` axes laid out in rows of at most `columns`, hiding the unused ones."""
+    n_columns = min(columns, count)
+    n_rows = -(-count // n_columns)
+    axes = np.atleast_1d(figure.subplots(n_rows, n_columns, squeeze=False)).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return list(axes[:count])
 
-    scores: `EvaluationResult.scores`. One panel per task present in ``scores``. Each
-    variable gets a solid line for the model and a dashed line for the task's baseline.
-    Returns the path written.
+
+def metric_label(metric: str, units: str) -> str:
+    """Return an axis label such as ``rmse (K)``, without units for a ratio or correlation."""
+    if metric in UNITLESS_METRICS or not units:
+        return metric.replace("_", " ")
+    return f"{metric.replace('_', ' ')} ({units})"
+
+
+def plot_skill(scores: xr.Dataset, path: str | Path, task: str, metric: str = "rmse") -> Path:
+    """Plot one score of one task against lead time, gap length or factor, one panel per variable.
+
+    scores: `EvaluationResult.scores`. Each panel has a solid line for the model and a
+    dashed line for each of the task's baselines, whose values are NaN-free. Returns the
+    path written.
     """
-    tasks = [task for task in SKILL_AXES if f"{task}_{metric}" in scores]
-    if not tasks:
-        raise ValueError(
-            f"scores contain no {metric!r} variables; they have {sorted(scores.data_vars)}"
-        )
+    key = f"{task}_{metric}"
+    if task not in SKILL_AXES:
+        raise ValueError(f"unknown task {task!r}: use one of {list(SKILL_AXES)}")
+    if key not in scores:
+        raise ValueError(f"scores contain no {key!r}; they have {sorted(scores.data_vars)}")
 
-    figure = Figure(figsize=(5 * len(tasks), 4), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(1, len(tasks)))
-    for ax, task in zip(axes, tasks, strict=True):
-        data = scores[f"{task}_{metric}"]
-        dim, axis_label = SKILL_AXES[task]
-        baseline_name = data.attrs.get("baseline", "baseline")
-        for index, variable in enumerate(data["variable"].values):
-            colour = f"C{index}"
-            series = data.sel(variable=variable)
-            x = series[dim].values
-            ax.plot(x, series.sel(predictor="model").values, "o-", color=colour, label=f"model {variable}")
-            ax.plot(
-                x, series.sel(predictor="baseline").values, "s--", color=colour, label=f"{baseline_name} {variable}"
-            )
-        units = sorted(set(str(unit) for unit in data["units"].values)) if "units" in data.coords else []
-        ax.set_title(task)
+    data = scores[key]
+    dim, axis_label = SKILL_AXES[task]
+    predictors = ["model", *[str(name) for name in np.atleast_1d(data.attrs.get("baselines", []))]]
+    variables = [str(name) for name in data["variable"].values]
+    figure = Figure(figsize=(4 * min(4, len(variables)), 3.2 * -(-len(variables) // 4)), layout="constrained")
+    for ax, variable in zip(panel_grid(figure, len(variables)), variables, strict=True):
+        series = data.sel(variable=variable)
+        x = series[dim].values
+        for index, predictor in enumerate(predictors):
+            values = series.sel(predictor=predictor).values
+            if not np.isfinite(values).any():
+                continue
+            style = "o-" if predictor == "model" else "s--"
+            ax.plot(x, values, style, color=f"C{index}", label=predictor)
+        units = str(series["units"].values) if "units" in series.coords else ""
+        ax.set_title(variable)
         ax.set_xlabel(axis_label)
-        ax.set_xticks(data[dim].values)
-        ax.set_ylabel(f"{metric.upper()} ({', '.join(units)})" if units else metric.upper())
+        ax.set_xticks(x)
+        ax.set_ylabel(metric_label(metric, units))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    return _save_atomically(figure, Path(path))
+    figure.suptitle(f"{task}: {metric.replace('_', ' ')}")
+    return save_figure(figure, Path(path))
+
+
+def plot_spectra(scores: xr.Dataset, path: str | Path, factor: int) -> Path:
+    """Plot the downscaling power spectra along longitude at one factor, one panel per variable.
+
+    scores: `EvaluationResult.scores` with ``downscaling_spectrum``. Each panel shows the
+    truth, the model and each upsampling baseline on log-log axes against wavenumber
+    (cycles per crop width). Returns the path written.
+    """
+    if "downscaling_spectrum" not in scores:
+        raise ValueError(f"scores contain no 'downscaling_spectrum'; they have {sorted(scores.data_vars)}")
+    spectra = scores["downscaling_spectrum"]
+    if factor not in spectra["factor"].values:
+        raise ValueError(f"factor {factor} not evaluated; the spectra have factors {spectra['factor'].values.tolist()}")
+
+    spectra = spectra.sel(factor=factor)
+    variables = [str(name) for name in spectra["variable"].values]
+    figure = Figure(figsize=(4 * min(4, len(variables)), 3.2 * -(-len(variables) // 4)), layout="constrained")
+    for ax, variable in zip(panel_grid(figure, len(variables)), variables, strict=True):
+        for index, name in enumerate(spectra["spectrum_of"].values):
+            line = spectra.sel(variable=variable, spectrum_of=name).dropna("wavenumber")
+            style = "-" if name == "truth" else ("o-" if name == "model" else "--")
+            colour = "black" if name == "truth" else f"C{index}"
+            ax.loglog(line["wavenumber"].values, line.values, style, color=colour, label=str(name), markersize=3)
+        units = str(spectra["units"].sel(variable=variable).values) if "units" in spectra.coords else ""
+        ax.set_title(variable)
+        ax.set_xlabel("wavenumber (cycles per crop width)")
+        ax.set_ylabel(f"power ({units})²" if units else "power")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.suptitle(f"downscaling, factor {factor}: power spectra along longitude")
+    return save_figure(figure, Path(path))
 
 
 def plot_reconstructions(columns: dict[str, np.ndarray], path: str | Path, title: str | None = None) -> Path:
@@ -164,4 +232,4 @@ def plot_reconstructions(columns: dict[str, np.ndarray], path: str | Path, title
             axes[row, column].set_axis_off()
     if title:
         figure.suptitle(title)
-    return _save_atomically(figure, Path(path))
+    return save_figure(figure, Path(path))

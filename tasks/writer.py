@@ -33,8 +33,8 @@ JOURNAL_FORMAT_VERSION = 1
 # Characters of the recipe digest in the names of temporary stores and journals.
 _DIGEST_CHARACTERS = 16
 # `record_region` saves the journal at most once per this many seconds, so a hard kill loses
-# at most this much finished work, and a fast ingest does not spend its time rewriting the
-# journal (measured at 3-10 ms per save with fsync on 2 busy cores).
+# at most this much finished work. A save took 3-10 ms with fsync on 2 busy cores, so
+# saving after every region slowed fast ingests noticeably.
 SAVE_INTERVAL_S = 0.5
 
 

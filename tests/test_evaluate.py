@@ -15,8 +15,8 @@ from torch import nn
 from models.atmorep import AtmoRep
 from models.config import RunConfig
 from models.data import calendar_features
-from tasks.evaluate import EvaluationResult, evaluate_zero_shot
-from tasks.plots import plot_maps, plot_skill
+from tasks.evaluate import BASELINES, TASKS, EvaluationResult, evaluate_zero_shot
+from tasks.plots import plot_maps, plot_skill, plot_spectra
 
 TRAIN_PERIOD = ["2019-03-01T00:00:00", "2019-03-24T23:00:00"]
 TEST_PERIOD = ["2019-03-25T00:00:00", "2019-03-31T23:00:00"]
@@ -141,7 +141,8 @@ def test_metric_names_for_all_tasks(truth_result):
 def test_truth_oracle_scores_zero(truth_result):
     model_rmse = {name: value for name, value in truth_result.metrics.items() if "/rmse/" in name}
     baseline_rmse = {name: value for name, value in truth_result.metrics.items() if "/rmse_" in name}
-    assert len(model_rmse) == 6 + 2 + 1
+    assert len(model_rmse) == 6 + 2 + 2
+    assert len(baseline_rmse) == 2 * (6 + 2 + 2)
     assert max(model_rmse.values()) < 1e-3
     assert min(baseline_rmse.values()) > 0.1
 
@@ -183,10 +184,10 @@ def test_persistence_oracle_matches_baseline(uk_dataset, config):
 def test_inputs_masked_like_training(uk_dataset, config):
     recorder = RecordingModel()
     evaluate_zero_shot(recorder, config, uk_dataset, window_stride=100, batch_size=4)
-    # Two windows (starts 0 and 100) and four cases: forecast, gaps of 1 and 2 tokens, downscaling.
-    assert len(recorder.calls) == 4
+    # Two windows (starts 0 and 100) and five cases: forecast, gaps of 1 and 2 tokens, downscaling by 2 and 4.
+    assert len(recorder.calls) == 5
     truth = torch.from_numpy(uk_dataset["t2m"].sel(time=slice(*TEST_PERIOD)).values[:12, :32, :48].copy())
-    forecast, gap_one, gap_two, downscaling = (call for call in recorder.calls)
+    forecast, gap_one, gap_two, downscaling_two, downscaling = (call for call in recorder.calls)
 
     inputs, mask = forecast
     assert mask.shape == (2, 1, 6, 4, 6)
@@ -203,6 +204,11 @@ def test_inputs_masked_like_training(uk_dataset, config):
     assert mask[0, 0, :, 0, 0].tolist() == [False, False, True, True, False, False]
     assert torch.count_nonzero(inputs[:, :, 4:8]) == 0
 
+    inputs, mask = downscaling_two
+    assert bool(mask.all())
+    block = truth[0, :2, :2].mean()
+    assert inputs[0, 0, 0, :2, :2] == pytest.approx(torch.full((2, 2), float(block)), abs=1e-6)
+
     inputs, mask = downscaling
     assert bool(mask.all())
     block = truth[0, :4, :4].mean()
@@ -214,11 +220,20 @@ def test_scores_dataset_layout(truth_result):
     assert scores["forecast_rmse"].dims == ("predictor", "variable", "lead_time")
     assert scores["lead_time"].values.tolist() == [1, 2, 3, 4, 5, 6]
     assert scores["gap"].values.tolist() == [2, 4]
-    assert scores["factor"].values.tolist() == [4]
-    assert scores["predictor"].values.tolist() == ["model", "baseline"]
-    assert scores["interpolation_rmse"].attrs["baseline"] == "linear"
+    assert scores["factor"].values.tolist() == [2, 4]
+    assert scores["predictor"].values.tolist() == [
+        "model", "persistence", "climatology", "linear", "cubic", "bilinear", "bicubic",
+    ]
+    assert scores["interpolation_rmse"].attrs["baselines"] == ["linear", "cubic"]
     assert scores["units"].values.tolist() == ["K"]
+    assert scores["field"].values.tolist() == ["t2m"]
+    assert np.isnan(scores["level"].values).all()
     assert scores.attrs["n_samples"] == 27
+    assert scores.attrs["climatology_kind"] == "hour"
+    # A task's variables are NaN for the baselines of other tasks.
+    assert np.isnan(scores["forecast_rmse"].sel(predictor="bicubic")).all()
+    assert scores["downscaling_spectrum"].dims == ("spectrum_of", "variable", "factor", "wavenumber")
+    assert scores["downscaling_spectrum"]["wavenumber"].values.tolist() == list(range(1, 25))
 
 
 def test_table_compares_model_and_baseline(truth_result):
@@ -226,11 +241,13 @@ def test_table_compares_model_and_baseline(truth_result):
     assert list(table.columns) == [
         "task", "metric", "variable", "lead_or_gap", "model", "baseline", "baseline_value", "difference",
     ]
-    row = table[(table.task == "downscaling") & (table.metric == "rmse")].iloc[0]
-    assert row.baseline == "bicubic"
-    assert row.lead_or_gap == "factor_4"
+    rows = table[(table.task == "downscaling") & (table.metric == "rmse") & (table.lead_or_gap == "factor_4")]
+    assert rows.baseline.tolist() == ["bilinear", "bicubic"]
+    row = rows.iloc[1]
     assert row.difference == pytest.approx(row.model - row.baseline_value)
-    assert len(table) == 3 * (6 + 2 + 1)
+    # rmse, mae, bias and acc for every lead, gap and factor with two baselines each, plus the
+    # small-scale power ratio of both downscaling factors.
+    assert len(table) == 4 * 2 * (6 + 2 + 2) + 2 * 2
 
 
 def test_examples_in_physical_units(truth_result):
@@ -243,12 +260,16 @@ def test_examples_in_physical_units(truth_result):
     assert 250.0 < float(forecast["truth"].min()) < float(forecast["truth"].max()) < 300.0
     assert truth_result.examples["interpolation"]["truth"].sizes["time"] == 4
     assert truth_result.examples["downscaling"]["truth"].sizes["time"] == 12
+    assert truth_result.examples["downscaling"].attrs["label_value"] == 4
+    # Without a map time, the maps show the last scored step of the first window.
+    assert forecast.attrs["map_time"] == "2019-03-25T11:00"
 
 
 def test_plots_written(truth_result, tmp_path):
-    paths = [plot_skill(truth_result.scores, tmp_path / "skill.png")]
+    paths = [plot_skill(truth_result.scores, tmp_path / f"skill_{task}.png", task, "acc") for task in TASKS]
     for task, example in truth_result.examples.items():
         paths.append(plot_maps(example, tmp_path / f"maps_{task}.png"))
+    paths.append(plot_spectra(truth_result.scores, tmp_path / "spectrum.png", factor=2))
     for path in paths:
         assert path.read_bytes()[:8] == PNG_SIGNATURE
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in paths)
@@ -375,8 +396,10 @@ def test_pressure_levels_named_and_denormalised(pressure_level_dataset, data_mir
     fields = [{"name": "u", "levels": [500, 850], "num_tokens": [6, 4, 5]}, {"name": "u10", "num_tokens": [6, 4, 5]}]
     config = RunConfig.model_validate({"model": {"fields": fields}})
     result = evaluate_zero_shot(RecordingModel(), config, pressure_level_dataset, tasks=("forecast",))
-    assert result.scores["variable"].values.tolist() == ["u500", "u850", "u10"]
-    assert "forecast/rmse_persistence/u850/lead_1h" in result.metrics
+    assert result.scores["variable"].values.tolist() == ["u_500", "u_850", "u10"]
+    assert result.scores["level"].values[:2].tolist() == [500.0, 850.0]
+    assert "forecast/rmse_persistence/u_850/lead_1h" in result.metrics
+    assert "forecast/acc_climatology/u_850/lead_1h" not in result.metrics  # the ACC of the climatology is undefined
     assert "forecast/rmse/u10/lead_6h" in result.metrics
 
     # Persistence of u at 850 hPa, lead 1 h, recomputed from the raw file (m/s).
@@ -387,14 +410,14 @@ def test_pressure_levels_named_and_denormalised(pressure_level_dataset, data_mir
     cosine = np.cos(np.deg2rad(raw["latitude"].values[:32].astype(np.float64)))
     weights = (cosine / cosine.mean())[None, :, None]
     expected = np.sqrt((weights * errors**2).mean() / weights.mean())
-    assert result.metrics["forecast/rmse_persistence/u850/lead_1h"] == pytest.approx(expected, rel=1e-4)
+    assert result.metrics["forecast/rmse_persistence/u_850/lead_1h"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_scores_round_trip_netcdf(truth_result, tmp_path):
     path = tmp_path / "scores.nc"
     truth_result.scores.to_netcdf(path, engine="h5netcdf")
     with xr.open_dataset(path, engine="h5netcdf") as stored:
-        assert stored["forecast_rmse"].attrs["baseline"] == "persistence"
+        assert list(stored["forecast_rmse"].attrs["baselines"]) == ["persistence", "climatology"]
         assert stored["units"].values.tolist() == ["K"]
         np.testing.assert_allclose(stored["forecast_rmse"].values, truth_result.scores["forecast_rmse"].values)
 
@@ -411,7 +434,8 @@ def test_ensemble_spread_and_crps(uk_dataset, config):
     for task in ("forecast", "interpolation", "downscaling"):
         spread = result.scores[f"{task}_spread"]
         np.testing.assert_allclose(spread.sel(predictor="model"), expected_spread, rtol=1e-4)
-        assert bool((spread.sel(predictor="baseline") == 0).all())
+        for baseline in BASELINES[task]:
+            assert bool((spread.sel(predictor=baseline) == 0).all()), (task, baseline)
         np.testing.assert_allclose(result.scores[f"{task}_crps"].sel(predictor="model"), 0, atol=1e-4)
         assert float(result.scores[f"{task}_rmse"].sel(predictor="model").max()) < 1e-3
     assert result.metrics["forecast/spread/t2m/lead_1h"] == pytest.approx(expected_spread, rel=1e-4)

@@ -177,7 +177,7 @@ def test_climatology_auto_chooses_dayofyear_for_two_years():
     assert climatology.attrs["climatology_kind"] == "dayofyear_hour"
     assert climatology.dims == ("dayofyear", "hour")
     np.testing.assert_array_equal(climatology["hour"].values, [0, 6, 12, 18])
-    # Every window holds as many 2017 days as 2018 days, so every mean is 1.
+    # Every window contains as many 2017 days as 2018 days, so every mean is 1.
     np.testing.assert_allclose(climatology.values, 1.0)
 
 
@@ -296,7 +296,7 @@ def test_crps_sorted_pairs_match_all_pairs():
 
 
 def test_crps_latitude_weighted(weights):
-    # Members {0, 2} against 1 score 0 at latitude 0; members {0, 0} against 1 score 1 at 60.
+    # Members {0, 2} against 1 score 0 at latitude 0. Members {0, 0} against 1 score 1 at 60.
     member_values = np.zeros((2, 2, 2))
     member_values[1, 0, :] = 2.0
     members = xr.DataArray(
@@ -388,8 +388,8 @@ def test_small_scale_ratio_without_small_scales():
     ratio = spectrum_ratio(zonal_lines(large), zonal_lines(large + small), detrend="none")
     assert float(ratio.sel(wavenumber=2)) == pytest.approx(1.0, rel=1e-12)
     assert float(ratio.sel(wavenumber=7)) == pytest.approx(0.0, abs=1e-12)
-    kept = small_scale_power_ratio(zonal_lines(large), zonal_lines(large + small), detrend="none")
-    assert float(kept) == pytest.approx(0.0, abs=1e-12)
+    small_scale_share = small_scale_power_ratio(zonal_lines(large), zonal_lines(large + small), detrend="none")
+    assert float(small_scale_share) == pytest.approx(0.0, abs=1e-12)
 
 
 # --- score tables -------------------------------------------------------------------------
@@ -416,10 +416,42 @@ def test_score_table_ensemble():
     members = ensemble([0.0, 2.0]).rename("t2m")
     truth = xr.DataArray([3.0], dims="point", name="t2m")
     table = score_table(members, truth, scores=("rmse", "crps", "spread_skill_ratio"), member_dim="member")
-    # Ensemble mean 1 against 3; CRPS 2 - 4 / 4 = 1.
+    # Ensemble mean 1 against 3 gives RMSE 2. The fair CRPS is 2 - 4 / 4 = 1.
     np.testing.assert_allclose(table["t2m"].values, [2.0, 1.0, math.sqrt(3) / 2], rtol=1e-12)
 
 
 def test_score_table_rejects_unknown_score():
     with pytest.raises(ValueError, match="unknown scores"):
         score_table(grid(np.zeros((2, 2))).rename("t2m"), grid(np.zeros((2, 2))).rename("t2m"), scores=("rsme",))
+
+
+def test_power_spectrum_dataset_per_variable():
+    points = np.arange(16)
+    fields = xr.Dataset(
+        {
+            "t2m": zonal_lines(2 * np.cos(2 * np.pi * 3 * points / 16)),
+            "u10": zonal_lines(np.cos(2 * np.pi * 5 * points / 16)),
+        }
+    )
+    spectra = power_spectrum(fields, detrend="none")
+    assert float(spectra["t2m"].sel(wavenumber=3)) == pytest.approx(2.0, rel=1e-12)
+    assert float(spectra["u10"].sel(wavenumber=5)) == pytest.approx(0.5, rel=1e-12)
+    with pytest.raises(ValueError, match="NaN"):
+        power_spectrum(fields.where(fields["t2m"] > 1.9), detrend="none")
+
+
+def test_crps_dataset_per_variable():
+    # t2m: members 0, 2 against 1 give 0. u10: members 1, 3 against 0 give 2 - 4 / 4 = 1.
+    members = xr.Dataset({"t2m": ensemble([0.0, 2.0]), "u10": ensemble([1.0, 3.0])})
+    truth = xr.Dataset({"t2m": xr.DataArray([1.0], dims="point"), "u10": xr.DataArray([0.0], dims="point")})
+    scores = crps_ensemble(members, truth)
+    assert float(scores["t2m"]) == pytest.approx(0.0, abs=1e-12)
+    assert float(scores["u10"]) == pytest.approx(1.0, rel=1e-12)
+    with pytest.raises(ValueError, match="no member dimension 'number'"):
+        crps_ensemble(members, truth, member_dim="number")
+
+
+def test_climatology_rejects_overlapping_window():
+    series = hourly_series("2019-03-01", np.zeros(24))
+    with pytest.raises(ValueError, match="window_days"):
+        build_climatology(series, ("2019-03-01", "2019-03-01T23"), kind="dayofyear_hour", window_days=183)

@@ -19,7 +19,7 @@ import torch
 from test_train import uk_zarr  # noqa: F401 - the real-data Zarr fixture
 
 import models.train as train
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, unwrap
 from models.config import load_preset
 from tasks.training import launch_training
 
@@ -229,3 +229,13 @@ def test_training_options_run(uk_zarr, tmp_path, monkeypatch, options):  # noqa:
     else:
         # The scaler is disabled, and its empty state is still stored.
         assert scaler == {}
+
+
+def test_compiled_model_saves_plain_keys():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))
+
+    # torch.compile wraps lazily, so nothing is compiled here.
+    compiled = torch.compile(model)
+
+    assert list(unwrap(compiled).state_dict()) == list(model.state_dict())
+    assert unwrap(model) is model

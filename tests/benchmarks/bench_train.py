@@ -349,8 +349,8 @@ def update_benchmarks_page(results: dict[str, Any]) -> None:
     lines = [
         SECTION_TITLE,
         "",
-        f"Measured {results['date']} with `make bench` on {results['machine']}, {results['threads']} torch "
-        f"threads, torch {results['torch']}, with a 1-minute load average of "
+        f"Measured {results['date']} with `make bench` on {results['machine']}, torch threads: {results['threads']}, "
+        f"torch {results['torch']}, with a 1-minute load average of "
         f"{results['load_average_1min']['start']:.1f} at the start and {results['load_average_1min']['end']:.1f} "
         "at the end (other processes share the cores and lower every figure). MFU is model FLOP/s (matrix products and attention, forward "
         "and backward, counted by `FlopCounterMode`) over the peak of the same precision: the median "
