@@ -445,3 +445,107 @@ def test_ensemble_spread_and_crps(uk_dataset, config):
 def test_deterministic_model_has_no_ensemble_scores(truth_result):
     assert "forecast_crps" not in truth_result.scores
     assert not any("/spread" in name for name in truth_result.metrics)
+
+
+def _weighted_rmse(errors: np.ndarray, latitude: np.ndarray) -> float:
+    cosine = np.cos(np.deg2rad(latitude))
+    weights = np.broadcast_to((cosine / cosine.mean())[:, None], errors.shape[-2:])
+    return float(np.sqrt((weights * errors**2).mean() / weights.mean()))
+
+
+def test_truth_oracle_acc_and_spectrum(truth_result):
+    for task in TASKS:
+        np.testing.assert_allclose(truth_result.scores[f"{task}_acc"].sel(predictor="model"), 1.0, atol=1e-6)
+    power = truth_result.scores["downscaling_small_scale_power_ratio"]
+    np.testing.assert_allclose(power.sel(predictor="model"), 1.0, rtol=1e-6)
+    # Smooth upsampling loses most power below 4 grid spacings, more at factor 4 than 2.
+    bicubic = power.sel(predictor="bicubic", variable="t2m")
+    assert float(bicubic.sel(factor=4)) < float(bicubic.sel(factor=2)) < 0.5
+    spectra = truth_result.scores["downscaling_spectrum"]
+    np.testing.assert_allclose(spectra.sel(spectrum_of="model"), spectra.sel(spectrum_of="truth"), rtol=1e-6)
+
+
+def test_acc_and_climatology_hand_computed(truth_result, raw_t2m, config):
+    steps, height, width = config.model.sample_shape
+    crop = raw_t2m.isel(latitude=slice(0, height), longitude=slice(0, width)).astype(np.float64)
+    train = crop.sel(time=slice(*TRAIN_PERIOD))
+    by_hour = train.groupby("time.hour").mean("time")
+    test = crop.sel(time=slice(*TEST_PERIOD))
+    starts = np.arange(0, test.sizes["time"] - steps + 1, 6)
+    truth = test.values[starts + 6]
+    hours = test["time"].dt.hour.values[starts + 6]
+    climatology = by_hour.sel(hour=hours).values
+    persistence = test.values[starts + 5]
+
+    cosine = np.cos(np.deg2rad(crop["latitude"].values))[:, None]
+    truth_anomaly = truth - climatology
+    forecast_anomaly = persistence - climatology
+    per_sample = (cosine * forecast_anomaly * truth_anomaly).sum(axis=(1, 2)) / np.sqrt(
+        (cosine * forecast_anomaly**2).sum(axis=(1, 2)) * (cosine * truth_anomaly**2).sum(axis=(1, 2))
+    )
+
+    metrics = truth_result.metrics
+    assert metrics["forecast/acc_persistence/t2m/lead_1h"] == pytest.approx(per_sample.mean(), rel=1e-5)
+    assert metrics["forecast/rmse_climatology/t2m/lead_1h"] == pytest.approx(
+        _weighted_rmse(truth - climatology, crop["latitude"].values), rel=1e-5
+    )
+    assert "forecast/acc_climatology/t2m/lead_1h" not in metrics
+
+
+def test_shifted_ensemble_spread_skill(uk_dataset, config):
+    # Members truth + e -/+ d with e = 2d: mean error e, spread sqrt(2) d, and fair CRPS
+    # (|e - d| + |e + d|) / 2 - 4d / 4 = 2d - d = d. Spread-skill sqrt(3/2) sqrt(2) d / e = sqrt(3) / 2.
+    offset = 0.05
+
+    class ShiftedEnsemble(EnsembleOracle):
+        def forward(self, inputs, masks, features):
+            return {"t2m": super().forward(inputs, masks, features)["t2m"] + 2 * self.offset}
+
+    oracle = ShiftedEnsemble(TruthOracle(uk_dataset, config), offset)
+    result = evaluate_zero_shot(oracle, config, uk_dataset, window_stride=48, tasks=("forecast", "downscaling"))
+
+    std = uk_dataset.attrs["statistics"]["t2m"]["std"][0]
+    for task in ("forecast", "downscaling"):
+        model = {metric: result.scores[f"{task}_{metric}"].sel(predictor="model") for metric in
+                 ("rmse", "spread", "crps", "spread_skill_ratio")}
+        np.testing.assert_allclose(model["rmse"], 2 * offset * std, rtol=1e-4)
+        np.testing.assert_allclose(model["spread"], np.sqrt(2) * offset * std, rtol=1e-4)
+        np.testing.assert_allclose(model["crps"], offset * std, rtol=1e-4)
+        np.testing.assert_allclose(model["spread_skill_ratio"], np.sqrt(3) / 2, rtol=1e-4)
+        for baseline in BASELINES[task]:
+            assert np.isnan(result.scores[f"{task}_spread_skill_ratio"].sel(predictor=baseline)).all()
+    assert result.metrics["forecast/spread_skill_ratio/t2m/lead_6h"] == pytest.approx(np.sqrt(3) / 2, rel=1e-4)
+    assert not any(name.startswith("forecast/spread_skill_ratio_") for name in result.metrics)
+
+
+def test_climatology_falls_back_to_mean(uk_dataset, raw_t2m, config):
+    # A training period of 12 hours (12 to 23 UTC) lacks the hours 6 to 11 UTC that the windows score.
+    short = uk_dataset.copy()
+    short.attrs = {**uk_dataset.attrs, "train_period": ["2019-03-01T12:00:00", "2019-03-01T23:00:00"]}
+    result = evaluate_zero_shot(TruthOracle(uk_dataset, config), config, short, window_stride=48, tasks=("forecast",))
+
+    steps, height, width = config.model.sample_shape
+    crop = raw_t2m.isel(latitude=slice(0, height), longitude=slice(0, width)).astype(np.float64)
+    mean = crop.sel(time=slice("2019-03-01T12:00", "2019-03-01T23:00")).mean("time").values
+    test = crop.sel(time=slice(*TEST_PERIOD)).values
+    starts = np.arange(0, test.shape[0] - steps + 1, 48)
+    expected = _weighted_rmse(test[starts + 6] - mean, crop["latitude"].values)
+    assert result.scores.attrs["climatology_kind"] == "mean"
+    assert result.metrics["forecast/rmse_climatology/t2m/lead_1h"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_map_time_picks_window(uk_dataset, config):
+    result = evaluate_zero_shot(
+        TruthOracle(uk_dataset, config), config, uk_dataset, tasks=("forecast",), map_time="2019-03-27T15:00"
+    )
+    example = result.examples["forecast"]
+    assert example.attrs["map_time"] == "2019-03-27T15:00"
+    assert np.datetime64("2019-03-27T15:00", "ns") in example["time"].values
+
+    with pytest.raises(ValueError, match="outside the evaluation period"):
+        evaluate_zero_shot(RecordingModel(), config, uk_dataset, map_time="2019-03-02T00:00")
+
+
+def test_factor_must_divide_tokens(uk_dataset, config):
+    with pytest.raises(ValueError, match="factor 3 does not divide the spatial token size"):
+        evaluate_zero_shot(RecordingModel(), config, uk_dataset, downscaling_factors=(2, 3))
