@@ -1,4 +1,4 @@
-"""The `atmorep` command: one subcommand per flow, plus `lineage`.
+"""The `atmorep` command: one subcommand per flow, plus `lineage`, `reproduce`, `catalog` and `compare`.
 
 Each flow subcommand builds its options from the flow's pydantic parameter model and
 runs the same flow function that the Prefect deployment runs. Without `PREFECT_API_URL`
@@ -33,10 +33,12 @@ if os.environ.get("PREFECT_HOME"):
 
 from flows.params import (  # noqa: E402
     EvaluateParams,
+    FinetuneMaeParams,
     FinetuneParams,
     IngestEra5Params,
     IngestImagenetParams,
     PipelineParams,
+    PretrainMaeParams,
     PretrainParams,
 )
 
@@ -120,6 +122,18 @@ def _run_pretrain(params: PretrainParams) -> dict:
     return pretrain(params)
 
 
+def _run_pretrain_mae(params: PretrainMaeParams) -> dict:
+    from flows.mae import pretrain_mae
+
+    return pretrain_mae(params)
+
+
+def _run_finetune_mae(params: FinetuneMaeParams) -> dict:
+    from flows.mae import finetune_mae
+
+    return finetune_mae(params)
+
+
 def _run_evaluate(params: EvaluateParams) -> dict:
     from flows.evaluate import evaluate
 
@@ -146,16 +160,24 @@ FLOW_COMMANDS: list[tuple[str, str | None, type[BaseModel], Callable, tuple[str,
      "ingest an ImageNet-style image folder into a uint8 Zarr dataset (flow ingest/imagenet)"),
     ("pretrain", "atmorep", PretrainParams, _run_pretrain, (),
      "pretrain an AtmoRep-style model with torchrun (flow pretrain/atmorep)"),
+    ("pretrain", "mae", PretrainMaeParams, _run_pretrain_mae, (),
+     "pretrain a masked autoencoder on an image dataset with torchrun (flow pretrain/mae)"),
     ("evaluate", "zero-shot", EvaluateParams, _run_evaluate, (),
      "score a model zero-shot against baselines (flow evaluate/zero-shot)"),
     ("finetune", "atmorep", FinetuneParams, _run_finetune, (),
      "fine-tune a pretrained model for one task and evaluate it (flow finetune/atmorep)"),
+    ("finetune", "mae", FinetuneMaeParams, _run_finetune_mae, (),
+     "train a linear probe or fine-tune a masked autoencoder for image classification (flow finetune/mae)"),
     ("pipeline", None, PipelineParams, _run_pipeline, (),
      "run ingest, pretrain, zero-shot evaluation and fine-tuning (flow pipeline/end-to-end)"),
 ]
 
 # Help of commands whose subcommands run different flows.
-COMMAND_HELP = {"ingest": "ingest ERA5 files or an image folder into a Zarr dataset in the catalog"}
+COMMAND_HELP = {
+    "ingest": "ingest ERA5 files or an image folder into a Zarr dataset in the catalog",
+    "pretrain": "pretrain an AtmoRep-style model on ERA5 or a masked autoencoder on images",
+    "finetune": "fine-tune an AtmoRep-style model or train a classifier on a masked autoencoder",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("model_uri", help="models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS or a run id")
     lineage.add_argument("--format", choices=["text", "json"], default="text", help="output format (default: text)")
     lineage.set_defaults(runner=None)
+
+    reproduce = commands.add_parser(
+        "reproduce", help="train a run again from its recorded config, data and commit, and compare its metrics",
+        description="Train a pretraining or fine-tuning run again from its recorded config, on the catalog "
+        "dataset with its recorded content digest, with the code of its recorded git commit, and compare the "
+        "final loss and step count. Exits with 0 when they match exactly, 3 when they differ, 1 when the run "
+        "cannot be reproduced.",
+    )
+    reproduce.add_argument("run_id", help="MLflow run id of a pretrain or finetune stage")
+    reproduce.add_argument(
+        "--allow-dirty", action="store_true",
+        help="reproduce a run that ran with uncommitted changes, with the code of its commit",
+    )
+    reproduce.add_argument(
+        "--nproc-per-node", type=int, default=None,
+        help="training processes (default: the recorded count; another count changes the losses)",
+    )
+    reproduce.add_argument("--format", choices=["text", "json"], default="text", help="output format (default: text)")
+    reproduce.set_defaults(runner=None)
 
     catalog = commands.add_parser("catalog", help="list or show the datasets in the catalog")
     catalog_commands = catalog.add_subparsers(dest="subcommand", required=True)
@@ -290,6 +331,23 @@ def format_result(result: dict) -> str:
     return "\n".join(lines + SCORES_FOOTER)
 
 
+def run_reproduce_command(arguments: argparse.Namespace) -> int:
+    """Run `atmorep reproduce` and return its exit status: 0 matched, 3 differed, 1 rejected."""
+    from tasks.reproduce import format_reproduction, reproduce_run
+
+    try:
+        reproduction = reproduce_run(arguments.run_id, arguments.allow_dirty, arguments.nproc_per_node)
+    except USER_ERRORS as error:
+        sys.stderr.write(f"atmorep reproduce: error: {error}\n")
+        return 1
+    if arguments.format == "json":
+        output = json.dumps(reproduction.as_dict(), indent=2)
+    else:
+        output = format_reproduction(reproduction)
+    sys.stdout.write(output + "\n")
+    return 0 if reproduction.matches else 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
@@ -307,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         output = json.dumps(lineage, indent=2) if arguments.format == "json" else format_lineage(lineage)
         sys.stdout.write(output + "\n")
         return 0
+
+    if arguments.command == "reproduce":
+        return run_reproduce_command(arguments)
 
     if arguments.command == "compare":
         from tasks.compare import compare_runs

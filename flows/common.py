@@ -7,14 +7,55 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prefect import get_run_logger
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from data_catalog import Catalog
 from data_catalog.schema import CatalogEntry
-from tasks.tracking import StageRun, end_stage_run, log_dataset_input, log_params, start_stage_run
+from tasks.tracking import (
+    TAG_DATASET,
+    TAG_DATASET_VERSION,
+    TAG_GIT_COMMIT,
+    StageRun,
+    client,
+    end_stage_run,
+    get_run_tags,
+    log_dataset_input,
+    log_params,
+    start_stage_run,
+)
 
 MLFLOW_UI_URL = os.environ.get("ATMOREP_MLFLOW_UI_URL", "http://127.0.0.1:5000")
+
+# Errors that a bad input raises: retrying cannot help, so they fail the task at once.
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, LookupError)
+
+
+def retry_on_transient_error(task, task_run, state) -> bool:
+    """Prefect retry condition: retry network and I/O errors, never errors caused by the input."""
+    try:
+        state.result()
+    except PERMANENT_ERRORS:
+        return False
+    except (OSError, TimeoutError):
+        return True
+    except Exception as error:  # noqa: BLE001 - MLflow reports an unreachable server as MlflowException
+        return type(error).__name__ == "MlflowException" and "Connection" in str(error)
+    return False
+
+
+# Retry policies per task type, as keyword arguments of `prefect.task`:
+# - network: downloads and MLflow uploads, three retries after 5, 10 and 20 s (plus jitter);
+# - data: ingestion writes, one retry after 10 s, which resumes from the journal of written regions;
+# - training is not retried by Prefect: torchrun restarts its workers (`max_restarts`), and
+#   running the flow again resumes from the last checkpoint.
+NETWORK_RETRIES = {
+    "retries": 3,
+    "retry_delay_seconds": [5, 10, 20],
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_on_transient_error,
+}
+DATA_RETRIES = {"retries": 1, "retry_delay_seconds": 10, "retry_condition_fn": retry_on_transient_error}
 
 
 def mlflow_run_url(stage_run: StageRun) -> str:
@@ -36,8 +77,9 @@ def stage_run(
     The run carries the Prefect flow-run id and the lineage tags. With a catalog `entry`,
     the tags include the dataset's name, content digest and version, and the dataset is
     logged as the run's input with `dataset_context` (ingest, training or evaluation).
-    The run logs `params` verbatim and ends FAILED if the block raises. The flow run gets
-    a link artifact to it.
+    The run logs `params` verbatim, ends FAILED if the block raises an error and KILLED if
+    it is cancelled or interrupted. The flow run gets a link artifact to the run and, when
+    the block succeeds, a table artifact with its results.
     """
     logger = get_run_logger()
     run = start_stage_run(
@@ -64,7 +106,30 @@ def stage_run(
 
     try:
         yield run
+    except Exception:
+        end_stage_run(run.run_id, status="FAILED")
+        raise
     except BaseException:
-        end_stage_run(run.run_id, failed=True)
+        # Cancellation (Prefect's TerminationSignal), Ctrl-C or exit: the run was stopped, not broken.
+        end_stage_run(run.run_id, status="KILLED")
         raise
     end_stage_run(run.run_id)
+    create_summary_artifact(stage, run)
+
+
+def create_summary_artifact(stage: str, run: StageRun) -> None:
+    """Publish the run's tracked results as the flow run's table artifact `<stage>-summary`.
+
+    The table has the MLflow run id, the dataset and version, the git commit, and the
+    latest value of every metric.
+    """
+    tags = get_run_tags(run.run_id)
+    rows = [
+        {"name": "mlflow run", "value": run.run_id},
+        {"name": "dataset", "value": tags.get(TAG_DATASET, "")},
+        {"name": "dataset version", "value": tags.get(TAG_DATASET_VERSION, "")},
+        {"name": "git commit", "value": tags.get(TAG_GIT_COMMIT, "")},
+    ]
+    metrics = client().get_run(run.run_id).data.metrics
+    rows += [{"name": name, "value": f"{value:.6g}"} for name, value in sorted(metrics.items())]
+    create_table_artifact(rows, key=f"{stage.replace('_', '-')}-summary", description=f"Results of the {stage} stage")

@@ -7,10 +7,11 @@ import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
 
 from data_catalog import Catalog
 from data_catalog.workspace import DATA_MIRROR_ENV
-from flows.common import stage_run
+from flows.common import DATA_RETRIES, stage_run
 from flows.params import IngestImagenetParams
 from tasks.imagenet import ingest_imagenet, save_image_grid
 from tasks.tracking import client, log_json_artifact, log_metrics
@@ -45,7 +46,8 @@ def resolve_image_source(source: str) -> Path:
     return folder
 
 
-ingest_folder = task(ingest_imagenet, name="ingest-imagenet")
+# ingest_imagenet reuses a finished dataset by its recipe digest and resumes a partial one.
+ingest_folder = task(ingest_imagenet, name="ingest-imagenet", cache_policy=NONE, **DATA_RETRIES)
 
 
 @flow(name="ingest", flow_run_name="imagenet-{params.name}")

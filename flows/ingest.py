@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from data_catalog import Catalog, atmorep_home, fetch_sample
-from flows.common import stage_run
+from flows.common import DATA_RETRIES, NETWORK_RETRIES, stage_run
 from flows.params import IngestEra5Params
 from tasks.append import append_era5
 from tasks.ingest import ingest_era5
@@ -58,11 +58,11 @@ def resolve_sources(
     return resolved
 
 
-fetch_sources = task(resolve_sources, name="fetch-sources", retries=2, retry_delay_seconds=5)
+fetch_sources = task(resolve_sources, name="fetch-sources", **NETWORK_RETRIES)
 # Prefect's default cache key would pickle the opened datasets, and ingest_era5 already
 # reuses a dataset by its digest.
-ingest_files = task(ingest_era5, name="ingest-era5", cache_policy=NONE)
-append_files = task(append_era5, name="append-era5", cache_policy=NONE)
+ingest_files = task(ingest_era5, name="ingest-era5", cache_policy=NONE, **DATA_RETRIES)
+append_files = task(append_era5, name="append-era5", cache_policy=NONE, **DATA_RETRIES)
 
 
 @flow(name="ingest", flow_run_name="era5-{params.name}")

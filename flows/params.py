@@ -235,6 +235,42 @@ class PretrainParams(TrainingParams):
     register_as: str = Field("atmorep", description="registered model name in MLflow")
 
 
+class PretrainMaeParams(TrainingParams):
+    """Parameters of `pretrain/mae`."""
+
+    dataset: str = Field(IMAGENET_SAMPLE, description="catalog name of an image dataset (atmorep ingest imagenet)")
+    preset: str = Field(
+        "mae-demo", description="masked autoencoder preset (family: mae): a name in models/presets or a YAML path"
+    )
+    register_as: str = Field("mae", description="registered model name in MLflow")
+    reconstruction_images: int = Field(
+        8, ge=1, description="images in the reconstruction figure logged at the end (plots/reconstructions.png)"
+    )
+
+
+class FinetuneMaeParams(TrainingParams):
+    """Parameters of `finetune/mae`."""
+
+    model_uri: str = Field("models:/mae/latest", description="pretrained masked autoencoder to start from")
+    mode: Literal["linear-probe", "full"] = Field(
+        "linear-probe", description="linear-probe trains a linear head on the frozen encoder, full trains both"
+    )
+    dataset: str | None = Field(
+        None, description="catalog image dataset with labels (default: the one the model was pretrained on)"
+    )
+    holdout_images: int = Field(
+        100, ge=1, description="images held out for testing, drawn once with split_seed and never trained on"
+    )
+    split_seed: int = Field(0, ge=0, description="seed of the draw of held-out images")
+    register_as: str | None = Field(
+        None, description="registered model name (default: mae-linear-probe or mae-finetuned)"
+    )
+
+    @property
+    def registered_name(self) -> str:
+        return self.register_as or ("mae-linear-probe" if self.mode == "linear-probe" else "mae-finetuned")
+
+
 class EvaluateParams(FlowParams):
     """Parameters of `evaluate/zero-shot`."""
 
@@ -276,13 +312,58 @@ class FinetuneParams(TrainingParams):
     """Parameters of `finetune/atmorep`."""
 
     model_uri: str = Field(DEFAULT_MODEL_URI, description="pretrained model to start from")
-    task: Literal["forecast", "downscaling"] = Field("forecast", description="task to fine-tune for")
-    register_as: str | None = Field(None, description="registered model name (default: atmorep-TASK)")
+    task: Literal["forecast", "downscaling", "new-field"] = Field(
+        "forecast",
+        description="forecast: predict further ahead than pretraining, with extra_time_tokens more time tokens; "
+        "downscaling: add a high-resolution head that predicts the fine field from the coarsened one; "
+        "new-field: add the variable new_field to the model, coupled to the pretrained fields by cross-attention",
+    )
+    freeze: Literal["all", "encoders", "none"] = Field(
+        "none",
+        description="pretrained parameters kept fixed: all (only new parameters train), encoders (embeddings "
+        "and encoder blocks), or none",
+    )
+    extra_time_tokens: int = Field(
+        1, ge=0,
+        description="forecast: time tokens added to each sample and to the forecast; the lead grows by this "
+        "many tokens of the pretrained token length in time steps",
+    )
+    downscaling_factor: int | None = Field(
+        None, ge=2,
+        description="downscaling: coarsening factor in grid points of the input (default: the pretrained "
+        "masking.coarsen_factor); it must divide every field's spatial token size",
+    )
+    new_field: str | None = Field(
+        None, description="new-field: ERA5 short name of the variable to add, such as q; it must be in the dataset"
+    )
+    new_field_levels: list[int] | None = Field(
+        None, description="new-field: pressure levels of the new variable in hPa (default: a single-level variable)"
+    )
+    register_as: str | None = Field(
+        None,
+        description="registered model name (default: atmorep-forecast, atmorep-downscaling, or atmorep-FIELD "
+        "for new-field)",
+    )
     window_stride: int = Field(6, ge=1, description="time steps between evaluation windows")
+
+    @model_validator(mode="after")
+    def _check_task_settings(self) -> "FinetuneParams":
+        if self.task == "new-field" and not self.new_field:
+            raise ValueError("task new-field needs new_field, the variable to add, for example --new-field q")
+        if self.task != "new-field" and (self.new_field or self.new_field_levels):
+            raise ValueError(f"new_field and new_field_levels apply to task new-field only, not {self.task!r}")
+        if self.task == "forecast" and self.freeze == "all" and self.extra_time_tokens == 0:
+            raise ValueError(
+                "task forecast with extra_time_tokens 0 adds no parameter, so freeze all leaves nothing to train: "
+                "raise extra_time_tokens or choose freeze encoders or none"
+            )
+        return self
 
     @property
     def registered_name(self) -> str:
-        return self.register_as or f"atmorep-{self.task}"
+        if self.register_as:
+            return self.register_as
+        return f"atmorep-{self.new_field}" if self.task == "new-field" else f"atmorep-{self.task}"
 
 
 class PipelineParams(BaseModel):
@@ -304,8 +385,24 @@ class PipelineParams(BaseModel):
     finetune_steps: int | None = Field(None, ge=1, description="fine-tuning steps (default: the preset's)")
     batch_size: int | None = TrainingParams.model_fields["batch_size"]
     nproc_per_node: int = TrainingParams.model_fields["nproc_per_node"]
+    nnodes: str = TrainingParams.model_fields["nnodes"]
+    node_rank: int | None = TrainingParams.model_fields["node_rank"]
+    rdzv_backend: Literal["c10d", "static"] = TrainingParams.model_fields["rdzv_backend"]
+    rdzv_endpoint: str | None = TrainingParams.model_fields["rdzv_endpoint"]
+    rdzv_id: str = TrainingParams.model_fields["rdzv_id"]
+    max_restarts: int = TrainingParams.model_fields["max_restarts"]
+
+    @property
+    def rendezvous(self) -> dict:
+        """Return the torchrun settings that pretraining and fine-tuning share."""
+        return self.model_dump(include=set(RENDEZVOUS_FIELDS))
 
     @model_validator(mode="after")
     def _check_periods(self) -> "PipelineParams":
         check_periods(self.train_period, self.test_period)
+        # Reject an invalid rendezvous now rather than after ingestion.
+        TrainingParams.model_validate(self.rendezvous)
         return self
+
+
+RENDEZVOUS_FIELDS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "max_restarts")

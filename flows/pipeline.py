@@ -41,8 +41,8 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
                 preset=params.preset,
                 max_steps=params.pretrain_steps,
                 batch_size=params.batch_size,
-                nproc_per_node=params.nproc_per_node,
                 upstream_run_id=ingested["run_id"],
+                **params.rendezvous,
                 **shared,
             )
         )
@@ -60,8 +60,8 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
                 task=params.finetune_task,
                 max_steps=params.finetune_steps,
                 batch_size=params.batch_size,
-                nproc_per_node=params.nproc_per_node,
                 upstream_run_id=pretrained["run_id"],
+                **params.rendezvous,
                 **shared,
             )
         )

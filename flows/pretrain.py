@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
 from data_catalog import Catalog, atmorep_home
-from flows.common import stage_run
+from flows.common import NETWORK_RETRIES, stage_run
 from flows.params import PretrainParams, TrainingParams
 from models.config import RunConfig, load_preset
 from tasks.registry import log_and_register_model
-from tasks.tracking import find_stage_run, log_metrics, log_params, tracking_uri
+from models.tracking import BUFFER_NAME
+from tasks.tracking import (
+    TAG_CHECKPOINT_DIR,
+    TAG_CONFIG_DIGEST,
+    TAG_DATASET_DIGEST,
+    TAG_INIT_RUN,
+    TAG_PARENT,
+    TAG_RESUMED,
+    TAG_WEIGHTS_PARENT,
+    CheckpointDirLock,
+    CheckpointDirLocked,
+    config_digest,
+    find_resumable_runs,
+    find_stage_run,
+    get_run_tags,
+    log_metrics,
+    log_params,
+    set_tags,
+    sync_metrics_buffer,
+    tracking_uri,
+)
 from tasks.training import Rendezvous, launch_training
 
 train = task(launch_training, name="torchrun-train")
-register = task(log_and_register_model, name="register-model", retries=2, retry_delay_seconds=5)
+# Training is not retried by Prefect: torchrun restarts workers, and a new flow run resumes.
+register = task(log_and_register_model, name="register-model", **NETWORK_RETRIES)
 
 
 def training_overrides(params: TrainingParams) -> dict:
@@ -49,21 +71,41 @@ def train_and_register(
     registered_name: str,
     init_checkpoint: Path | None = None,
 ) -> dict:
-    """Train with torchrun into the run's checkpoint folder, then log and register the model."""
-    logger = get_run_logger()
-    log_params(run_id, config.model_dump(mode="json"), prefix="run_config")
+    """Train with torchrun, then log and register the model.
 
-    output_dir = atmorep_home() / "checkpoints" / run_id
-    done = train(
-        config.model_dump(mode="json"),
-        output_dir,
-        nproc_per_node=params.nproc_per_node,
-        mlflow_run_id=run_id,
-        tracking_uri=tracking_uri(),
-        init_checkpoint=init_checkpoint,
-        run_logger=logger,
-        rendezvous=rendezvous(params),
-    )
+    Training goes into the run's own checkpoint folder, unless an earlier run of the same
+    stage with the same config, dataset and initial weights stopped before the end: then
+    this run continues that run's checkpoint, becomes its child run, and is tagged
+    `atmorep.resumed`.
+    """
+    logger = get_run_logger()
+    config_tree = config.model_dump(mode="json")
+    log_params(run_id, config_tree, prefix="run_config")
+    tags = get_run_tags(run_id)
+    init_run_id = tags.get(TAG_INIT_RUN)
+    digest = config_digest(config_tree, tags.get(TAG_DATASET_DIGEST), init_run_id)
+
+    with ExitStack() as stack:
+        output_dir, resumed_run_id = claim_checkpoint_dir(stage, digest, run_id, stack)
+        lineage_tags = {TAG_CONFIG_DIGEST: digest, TAG_CHECKPOINT_DIR: str(output_dir)}
+        if init_run_id:
+            lineage_tags[TAG_WEIGHTS_PARENT] = init_run_id
+        if resumed_run_id:
+            logger.info("Resuming run %s from its checkpoint in %s", resumed_run_id, output_dir)
+            lineage_tags.update({TAG_PARENT: resumed_run_id, TAG_RESUMED: "true", TAG_WEIGHTS_PARENT: resumed_run_id})
+        set_tags(run_id, lineage_tags)
+
+        done = train(
+            config_tree,
+            output_dir,
+            nproc_per_node=params.nproc_per_node,
+            mlflow_run_id=run_id,
+            tracking_uri=tracking_uri(),
+            init_checkpoint=init_checkpoint,
+            run_logger=logger,
+            rendezvous=rendezvous(params),
+        )
+        sync_metrics_buffer(run_id, output_dir / BUFFER_NAME)
     log_metrics(run_id, {f"{stage}/final_loss": done["loss"], f"{stage}/steps": done["step"]})
 
     version = register(run_id, output_dir / "checkpoint.pt", registered_name)
@@ -75,7 +117,27 @@ def train_and_register(
         "checkpoint": str(output_dir / "checkpoint.pt"),
         "final_loss": done["loss"],
         "steps": done["step"],
+        "resumed_run_id": resumed_run_id,
     }
+
+
+def claim_checkpoint_dir(stage: str, digest: str, run_id: str, stack: ExitStack) -> tuple[Path, str | None]:
+    """Lock the folder this run trains in and return it with the id of the run it resumes, if any.
+
+    An unfinished run with the same config digest is resumed when no other process holds
+    its folder's lock. Otherwise the run trains in `checkpoints/<run id>`, so concurrent
+    runs never share a folder.
+    """
+    for candidate_run_id, folder in find_resumable_runs(stage, digest, exclude_run_id=run_id):
+        try:
+            stack.enter_context(CheckpointDirLock(folder))
+        except CheckpointDirLocked:
+            continue
+        return folder, candidate_run_id
+
+    output_dir = atmorep_home() / "checkpoints" / run_id
+    stack.enter_context(CheckpointDirLock(output_dir))
+    return output_dir, None
 
 
 @flow(name="pretrain", flow_run_name="atmorep-{params.dataset}")

@@ -125,6 +125,7 @@ class FieldNetwork(nn.Module):
         self.norm = nn.LayerNorm(dim)
         # The E heads, stored as one linear layer: output e * token_size ... (e + 1) * token_size is head e.
         self.heads = nn.Linear(dim, config.ensemble_size * token_size)
+        self.downscaling_head = DownscalingHead(field, config) if config.downscaling_head else None
 
     def embed(self, x: Tensor, mask: Tensor, time_features: Tensor) -> Tensor:
         """Embed x: [B, L, T, H, W] with mask [B, L, nT, nH, nW] -> tokens [B, L * nT * nH * nW, D]."""
@@ -141,19 +142,72 @@ class FieldNetwork(nn.Module):
         embedded = torch.where(mask[..., None], embedded + self.mask_embedding, embedded)
         return self.embedding_dropout(embedded.flatten(1, 4))
 
-    def decode(self, tokens: Tensor, batch: int) -> Tensor:
-        """Map encoded tokens [B, N, D] to ensemble members [B, E, L, T, H, W]."""
+    def decode(self, tokens: Tensor, batch: int, inputs: Tensor | None = None) -> Tensor:
+        """Map encoded tokens [B, N, D] to ensemble members [B, E, L, T, H, W].
+
+        With a downscaling head, its output is added and `inputs` (the field's input
+        [B, L, T, H, W]) must be given.
+        """
+        encoded = tokens
         for block in self.decoder:
             tokens = block(tokens)
         values = self.heads(self.norm(tokens))  # [B, N, E * token_size]
-        n_levels = self.field.num_levels
-        n_time, n_lat, n_lon = self.field.num_tokens
-        values = values.reshape(batch, n_levels, n_time, n_lat, n_lon, self.ensemble_size, -1)
-        values = values.permute(0, 5, 1, 2, 3, 4, 6).reshape(
-            batch * self.ensemble_size, n_levels, n_time, n_lat, n_lon, -1
-        )
-        members = detokenise(values, self.token_shape)
-        return members.reshape(batch, self.ensemble_size, *members.shape[1:])
+        members = members_from_tokens(values, self.field, self.ensemble_size)
+        if self.downscaling_head is not None:
+            if inputs is None:
+                raise ValueError(f"the downscaling head of field {self.field.name!r} needs the field's input")
+            members = members + self.downscaling_head(encoded, inputs)
+        return members
+
+
+def members_from_tokens(values: Tensor, field: FieldConfig, ensemble_size: int) -> Tensor:
+    """Reshape per-token head outputs [B, N, E * token_size] to ensemble members [B, E, L, T, H, W]."""
+    batch = values.shape[0]
+    n_levels = field.num_levels
+    n_time, n_lat, n_lon = field.num_tokens
+    values = values.reshape(batch, n_levels, n_time, n_lat, n_lon, ensemble_size, -1)
+    values = values.permute(0, 5, 1, 2, 3, 4, 6).reshape(batch * ensemble_size, n_levels, n_time, n_lat, n_lon, -1)
+    members = detokenise(values, tuple(field.token_shape))
+    return members.reshape(batch, ensemble_size, *members.shape[1:])
+
+
+class DownscalingHead(nn.Module):
+    """High-resolution head that fine-tuning for downscaling adds to a field's network.
+
+    The input of downscaling is the coarsened field: every token holds the averages of
+    `factor x factor` blocks of grid points, repeated over each block (`models.masking`).
+    The head averages the input over those blocks again, giving tT * (tH / factor) *
+    (tW / factor) coarse values per token, embeds them linearly and adds them to the
+    encoder's output tokens. One transformer block, a layer norm and a linear layer then
+    predict every member's fine-scale values per token, which are added to the
+    pretrained decoder's prediction. The output layer starts at zero, so before
+    fine-tuning the model predicts exactly what the pretrained one does.
+    """
+
+    def __init__(self, field: FieldConfig, config: ModelConfig) -> None:
+        super().__init__()
+        self.field = field
+        self.factor = config.downscaling_head
+        self.ensemble_size = config.ensemble_size
+        token_t, token_h, token_w = field.token_shape
+        self.coarse_token_shape = (token_t, token_h // self.factor, token_w // self.factor)
+        dim = config.embed_dim
+        self.coarse_embedding = nn.Linear(token_t * (token_h // self.factor) * (token_w // self.factor), dim)
+        self.block = Block(dim, config.num_heads, config.mlp_ratio, config.dropout, cross=False)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, config.ensemble_size * token_t * token_h * token_w)
+
+    def forward(self, tokens: Tensor, inputs: Tensor) -> Tensor:
+        """Predict fine-scale values from encoded tokens [B, N, D] and the input [B, L, T, H, W].
+
+        Returns members [B, E, L, T, H, W] to add to the decoder's prediction.
+        """
+        batch, levels, steps, height, width = inputs.shape
+        coarse = F.avg_pool2d(inputs.reshape(batch * levels * steps, 1, height, width), self.factor)
+        coarse = coarse.reshape(batch, levels, steps, height // self.factor, width // self.factor)
+        embedded = self.coarse_embedding(tokenise(coarse, self.coarse_token_shape)).flatten(1, 4)  # [B, N, D]
+        hidden = self.block(tokens + embedded)
+        return members_from_tokens(self.out(self.norm(hidden)), self.field, self.ensemble_size)
 
 
 class AtmoRep(nn.Module):
@@ -186,6 +240,9 @@ class AtmoRep(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+        for network in self.fields.values():
+            if network.downscaling_head is not None:
+                nn.init.zeros_(network.downscaling_head.out.weight)
 
     @property
     def blocks(self) -> list[Block]:
@@ -241,4 +298,4 @@ class AtmoRep(nn.Module):
                 if field.neighbours:
                     context = torch.cat([previous[neighbour] for neighbour in field.neighbours], dim=1)
                 states[field.name] = self.fields[field.name].encoder[layer](previous[field.name], context)
-        return {name: network.decode(states[name], batch) for name, network in self.fields.items()}
+        return {name: network.decode(states[name], batch, inputs[name]) for name, network in self.fields.items()}

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models.atmorep import AtmoRep
-from models.config import ModelConfig, RunConfig
+from models.config import ModelConfig, RunConfig, config_family, validate_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +140,66 @@ def check_compatible(saved: ModelConfig, current: ModelConfig, source: str | Pat
         )
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[AtmoRep, RunConfig]:
-    """Rebuild the model stored in a checkpoint, in eval mode, with the run's configuration."""
+# Model settings of the masked autoencoder that change no parameter shape, so a checkpoint
+# may be loaded with other values, for example to fine-tune with another mask ratio.
+RELOADABLE_MAE_FIELDS = frozenset({"mask_ratio", "norm_pix_loss"})
+
+
+def _settings_mismatches(saved: dict[str, Any], current: dict[str, Any], prefix: str, reloadable: frozenset) -> list[str]:
+    return [
+        f"{prefix}.{name}: checkpoint {saved.get(name)!r}, config {current.get(name)!r}"
+        for name in sorted(set(saved) | set(current))
+        if name not in reloadable and saved.get(name) != current.get(name)
+    ]
+
+
+def check_checkpoint_config(saved: dict[str, Any], current: Any, source: str | Path) -> None:
+    """Raise ValueError unless a checkpoint's config (a dict) fits the run config `current`.
+
+    The model families must match (see `models.config.validate_run_config`). An AtmoRep
+    config is checked by `check_compatible`. For the masked autoencoder and its classifier
+    every model setting must match except those in RELOADABLE_MAE_FIELDS, and the
+    classifier's head settings must match too.
+    """
+    saved_family = config_family(saved)
+    current_tree = current.model_dump(mode="json")
+    current_family = config_family(current_tree)
+    if saved_family != current_family:
+        raise ValueError(
+            f"checkpoint {source} contains a model of family {saved_family}, but the config is for family "
+            f"{current_family}: give a checkpoint of a {current_family} model, or train from scratch"
+        )
+    if current_family == "atmorep":
+        check_compatible(ModelConfig.model_validate(saved["model"]), current.model, source)
+        return
+
+    mismatches = _settings_mismatches(saved["model"], current_tree["model"], "model", RELOADABLE_MAE_FIELDS)
+    if current_family == "mae-classifier":
+        mismatches += _settings_mismatches(saved["head"], current_tree["head"], "head", frozenset())
+    if mismatches:
+        raise ValueError(
+            f"checkpoint {source} is incompatible with the model config ("
+            + "; ".join(mismatches)
+            + "): use the checkpoint's model settings or train from scratch"
+        )
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """Rebuild the model stored in a checkpoint, in eval mode, with the run's configuration.
+
+    The model class follows the config's family: `AtmoRep` with a `RunConfig`,
+    `models.mae.MaskedAutoencoder` or `models.mae_classifier.MAEClassifier` otherwise.
+    """
     checkpoint = load_checkpoint(path, map_location)
-    config = RunConfig.model_validate(checkpoint["config"])
+    config = validate_run_config(checkpoint["config"], source=f"checkpoint {path}")
+    if not isinstance(config, RunConfig):
+        from models.objective import objective_for
+
+        model = objective_for(config).build_model()
+        model.load_state_dict(checkpoint["model"])
+        model.to(map_location)
+        model.eval()
+        return model, config
     if config.model.architecture_version != AtmoRep.ARCHITECTURE_VERSION:
         raise ValueError(
             f"checkpoint {path} contains a model with model.architecture_version "

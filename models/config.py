@@ -151,6 +151,12 @@ class ModelConfig(_Schema):
         description="Network layout. 1 is the former single transformer over stacked channels, "
         "which this code reads from old configs but cannot build.",
     )
+    downscaling_head: int | None = Field(
+        default=None,
+        ge=2,
+        description="Coarsening factor of the high-resolution downscaling head added by fine-tuning "
+        "(see models.atmorep.DownscalingHead), or None for no head.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -188,6 +194,13 @@ class ModelConfig(_Schema):
             raise ValueError(
                 f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads {self.num_heads}"
             )
+        factor = self.downscaling_head
+        for field in self.fields if factor else []:
+            if field.token_shape[1] % factor or field.token_shape[2] % factor:
+                raise ValueError(
+                    f"model.downscaling_head {factor} does not divide the spatial token size "
+                    f"{tuple(field.token_shape[1:])} of field {field.name!r}: choose a factor that divides both"
+                )
         if self.loss != "mse" and self.ensemble_size < 2:
             raise ValueError(
                 f"model.loss {self.loss!r} scores an ensemble and needs model.ensemble_size >= 2, "
@@ -325,6 +338,23 @@ class TrainConfig(_Schema):
     )
 
 
+class FinetuneConfig(_Schema):
+    """How a fine-tuning run relates to its pretrained model (see `models.finetune`).
+
+    `base_model` is the pretrained model's architecture. The run's own `model` may differ
+    from it only in the way `task` intends: more time tokens (forecast), a downscaling
+    head (downscaling) or fields appended after the pretrained ones (new-field).
+    """
+
+    task: Literal["forecast", "downscaling", "new-field"]
+    freeze: Literal["all", "encoders", "none"] = Field(
+        default="none",
+        description="Pretrained parameters kept fixed: all of them, the embeddings and encoder blocks, "
+        "or none. Newly initialised parameters always train.",
+    )
+    base_model: ModelConfig
+
+
 class RunConfig(_Schema):
     """A whole run: model, masking and training settings, with the schema `version`.
 
@@ -337,6 +367,9 @@ class RunConfig(_Schema):
     model: ModelConfig = Field(default_factory=ModelConfig)
     masking: MaskingConfig = Field(default_factory=MaskingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig | None = Field(
+        default=None, description="Set for a fine-tuning run: the task, the frozen parameters and the pretrained model."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -407,17 +440,22 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
+# Values of a configuration's top-level `family` key, each with its own schema.
+MODEL_FAMILIES = ("atmorep", "mae", "mae-classifier")
+
+
 def preset_names() -> list[str]:
     return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
 
 
-def load_preset(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+def load_preset(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> Any:
     """Resolve a run configuration from a preset name or file, then apply dotted overrides.
 
     `name_or_path` is either a file (YAML or JSON) or the name of a file in
     `models/presets/` without its `.yaml` suffix. Overrides are keys such as
-    `"train.max_steps"` or `"masking.weights"`. Raises FileNotFoundError for an unknown
-    preset and pydantic's ValidationError, which names the key, for an invalid setting.
+    `"train.max_steps"` or `"masking.weights"`. The top-level `family` key selects the
+    schema (see `validate_run_config`). Raises FileNotFoundError for an unknown preset and
+    pydantic's ValidationError, which names the key, for an invalid setting.
     """
     path = Path(name_or_path)
     if not path.is_file():
@@ -432,6 +470,36 @@ def load_preset(name_or_path: str | Path, overrides: Mapping[str, Any] | None = 
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
 
-    config = RunConfig.model_validate(tree)
+    config = validate_run_config(tree, source=str(path))
     logger.debug("resolved config from %s with overrides %s", path, dict(overrides or {}))
     return config
+
+
+def config_family(tree: Mapping[str, Any]) -> str:
+    """Return the model family of a configuration mapping: its `family` key, else atmorep."""
+    return str(tree.get("family", "atmorep"))
+
+
+def validate_run_config(tree: Mapping[str, Any], source: str = "config") -> Any:
+    """Validate a configuration mapping with the schema of its `family`.
+
+    `family: atmorep` (or no `family` key) gives a `RunConfig`, `family: mae` a
+    `models.mae.MAERunConfig` and `family: mae-classifier` a
+    `models.mae_classifier.ClassifierRunConfig`. Raises ValueError naming `source` for
+    any other family.
+    """
+    family = config_family(tree)
+    if family == "atmorep":
+        return RunConfig.model_validate({key: value for key, value in tree.items() if key != "family"})
+    # Imported here because both modules import this one.
+    if family == "mae":
+        from models.mae import MAERunConfig
+
+        return MAERunConfig.model_validate(tree)
+    if family == "mae-classifier":
+        from models.mae_classifier import ClassifierRunConfig
+
+        return ClassifierRunConfig.model_validate(tree)
+    raise ValueError(
+        f"{source}: model family {family!r} is not supported: set family to one of {list(MODEL_FAMILIES)}"
+    )

@@ -115,6 +115,9 @@ class MAERunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    family: Literal["mae"] = Field(
+        default="mae", description="Model family, which `models.config.load_preset` reads to pick this schema."
+    )
     model: MAEConfig = Field(default_factory=MAEConfig)
     augment: ImageAugmentConfig = Field(default_factory=ImageAugmentConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(dataset="imagenet-sample"))
@@ -409,6 +412,31 @@ def reconstruct(model: MaskedAutoencoder, images: Tensor, mask: Tensor, mean: Te
 # --- training objective ------------------------------------------------------------------------
 
 
+def catalog_image_store(name: str) -> Path:
+    """Return the Zarr store of the image dataset `name`, checking that it comes from the entry's ingest run."""
+    from data_catalog.catalog import Catalog, InvalidCatalogEntryError
+    from data_catalog.schema import ImageDatasetEntry
+
+    catalog = Catalog()
+    entry = catalog.get(name)
+    if not isinstance(entry, ImageDatasetEntry):
+        raise ValueError(
+            f"catalog dataset {name!r} has kind {entry.kind!r}, but the masked autoencoder trains on images: "
+            "set train.dataset to a dataset ingested with `atmorep ingest imagenet`"
+        )
+
+    path = catalog.resolve_zarr_path(entry)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Zarr store {path} of dataset {name!r} not found. Re-ingest the dataset.")
+    stored_digest = zarr.open_group(path, mode="r").attrs.get("digest")
+    if stored_digest != entry.digest:
+        raise InvalidCatalogEntryError(
+            f"Zarr store {path} has digest {stored_digest!r} but catalog entry {catalog.entry_path(name)} "
+            f"has {entry.digest!r}. Re-ingest dataset {name!r}."
+        )
+    return path
+
+
 class MAEObjective:
     """Masked patch reconstruction of ImageNet-style images, for the shared training loop.
 
@@ -424,38 +452,13 @@ class MAEObjective:
     def open_dataset(self, dataset_path: str | Path | None) -> ImageDataset:
         """Open the image Zarr at `dataset_path`, else the catalog entry `train.dataset`, with augmentation."""
         if dataset_path is None:
-            dataset_path = self._catalog_store(self.config.train.dataset)
+            dataset_path = catalog_image_store(self.config.train.dataset)
         return ImageDataset(
             dataset_path,
             image_size=self.config.model.image_size,
             augment=self.config.augment,
             seed=self.config.train.seed,
         )
-
-    @staticmethod
-    def _catalog_store(name: str) -> Path:
-        """Return the Zarr store of the image dataset `name`, checking that it comes from the entry's ingest run."""
-        from data_catalog.catalog import Catalog, InvalidCatalogEntryError
-        from data_catalog.schema import ImageDatasetEntry
-
-        catalog = Catalog()
-        entry = catalog.get(name)
-        if not isinstance(entry, ImageDatasetEntry):
-            raise ValueError(
-                f"catalog dataset {name!r} has kind {entry.kind!r}, but the masked autoencoder trains on images: "
-                "set train.dataset to a dataset ingested with `atmorep ingest imagenet`"
-            )
-
-        path = catalog.resolve_zarr_path(entry)
-        if not path.is_dir():
-            raise FileNotFoundError(f"Zarr store {path} of dataset {name!r} not found. Re-ingest the dataset.")
-        stored_digest = zarr.open_group(path, mode="r").attrs.get("digest")
-        if stored_digest != entry.digest:
-            raise InvalidCatalogEntryError(
-                f"Zarr store {path} has digest {stored_digest!r} but catalog entry {catalog.entry_path(name)} "
-                f"has {entry.digest!r}. Re-ingest dataset {name!r}."
-            )
-        return path
 
     def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         """Return the masked patch loss of one batch, with no extra metrics."""

@@ -24,7 +24,10 @@ from torch.utils.data import Dataset
 from models.atmorep import AtmoRep
 from models.config import RunConfig
 from models.data import FieldDataset
+from models.finetune import apply_freeze
 from models.losses import ensemble_loss, ensemble_mean_and_spread, masked_mse, masked_token_mean
+from models.mae import MAEObjective, MAERunConfig
+from models.mae_classifier import ClassifierObjective, ClassifierRunConfig
 from models.masking import sample_mask
 
 
@@ -97,7 +100,10 @@ class AtmoRepObjective:
         self.config = config
 
     def build_model(self) -> AtmoRep:
-        return AtmoRep(self.config.model)
+        """Build the model, with the parameters that fine-tuning freezes set to `requires_grad=False`."""
+        model = AtmoRep(self.config.model)
+        apply_freeze(model, self.config)
+        return model
 
     def open_dataset(self, dataset_path: str | Path | None) -> FieldDataset:
         ds, source = open_zarr_or_catalog(self.config, dataset_path)
@@ -150,6 +156,12 @@ class AtmoRepObjective:
         )
 
 
-def objective_for(config: RunConfig) -> Objective:
-    """Return the objective that trains `config`'s model family."""
-    return AtmoRepObjective(config)
+def objective_for(config: Any) -> Objective:
+    """Return the objective that trains `config`'s model family (see `models.config.validate_run_config`)."""
+    if isinstance(config, MAERunConfig):
+        return MAEObjective(config)
+    if isinstance(config, ClassifierRunConfig):
+        return ClassifierObjective(config)
+    if isinstance(config, RunConfig):
+        return AtmoRepObjective(config)
+    raise TypeError(f"no training objective for a config of type {type(config).__name__}")

@@ -47,15 +47,16 @@ from models.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
     capture_rng_state,
-    check_compatible,
+    check_checkpoint_config,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from models.config import ModelConfig, RunConfig, load_preset
+from models.config import RunConfig, load_preset
+from models.finetune import initialise_from_pretrained
 from models.objective import Objective, objective_for
 from models.sampler import EpochKeyedDataset, StreamBatchSampler, derive_seed, stream_position
-from models.tracking import NullTracker, Tracker, tracker_from_env
+from models.tracking import BUFFER_NAME, NullTracker, Tracker, tracker_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +346,7 @@ def restore_training_state(
         if init_checkpoint is not None:
             logger.info("ignoring --init-checkpoint %s because %s exists", init_checkpoint, resume_path)
         checkpoint = load_checkpoint(resume_path)
-        check_compatible(ModelConfig.model_validate(checkpoint["config"]["model"]), config.model, resume_path)
+        check_checkpoint_config(checkpoint["config"], config, resume_path)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -380,9 +381,13 @@ def restore_training_state(
 
     if init_checkpoint is not None:
         checkpoint = load_checkpoint(init_checkpoint)
-        check_compatible(ModelConfig.model_validate(checkpoint["config"]["model"]), config.model, init_checkpoint)
-        model.load_state_dict(checkpoint["model"])
-        logger.info("initialised model weights from %s (step %s)", init_checkpoint, checkpoint["step"])
+        if isinstance(config, RunConfig) and config.finetune is not None:
+            # The fine-tuning model may add or extend parameters (models.finetune).
+            initialise_from_pretrained(model, checkpoint, config, init_checkpoint)
+        else:
+            check_checkpoint_config(checkpoint["config"], config, init_checkpoint)
+            model.load_state_dict(checkpoint["model"])
+            logger.info("initialised model weights from %s (step %s)", init_checkpoint, checkpoint["step"])
     return TrainingState()
 
 
@@ -592,7 +597,7 @@ def run_training(
         loss_log.truncate(state.step)
 
     if state.step < config.train.max_steps:
-        tracker = tracker_from_env() if context.is_main else NullTracker()
+        tracker = tracker_from_env(output_dir / BUFFER_NAME) if context.is_main else NullTracker()
         wrapped = prepare_model(model, objective, config, context)
         try:
             state = train_loop(

@@ -4,7 +4,7 @@ Each run's scores are the `tasks.evaluate.EvaluationResult.scores` Dataset that
 `tasks.reporting.log_evaluation` logged. The comparison has one row per task, variable
 and lead time, gap or factor, one column per run with the model's score, and one column
 per baseline, taken from the first run that has the row. Baselines depend only on the
-data and the evaluation settings, so runs on the same dataset and period share them; a
+data and the evaluation settings, so runs on the same dataset and period share them. A
 run whose baseline differs is logged as a warning.
 """
 
@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
-from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 
 from data_catalog.workspace import atmorep_home
@@ -80,7 +79,7 @@ def comparison_table(evaluations: Sequence[Evaluation], metric: str = "rmse") ->
 
     Returns a DataFrame with columns ``task``, ``variable``, ``lead_or_gap``, one column
     per run label (the model's score) and one per baseline, in task, variable and label
-    order; a run without a row or metric has NaN there. Raises ValueError when no run has
+    order. A run without a row or metric has NaN there. Raises ValueError when no run has
     the metric.
     """
     labels = _unique_labels(evaluations)
@@ -174,8 +173,8 @@ def plot_comparison(table: pd.DataFrame, evaluations: Sequence[Evaluation], metr
         if rows.empty:
             continue
         variables = list(dict.fromkeys(rows["variable"]))
-        figure = Figure(figsize=(4 * min(4, len(variables)), 3.2 * -(-len(variables) // 4)), layout="constrained")
-        for ax, variable in zip(panel_grid(figure, len(variables)), variables, strict=True):
+        figure, axes = panel_grid(len(variables))
+        for ax, variable in zip(axes, variables, strict=True):
             series = rows[rows["variable"] == variable]
             x = [int("".join(ch for ch in label if ch.isdigit())) for label in series["lead_or_gap"]]
             for index, label in enumerate(labels):

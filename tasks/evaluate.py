@@ -87,11 +87,11 @@ class EvaluationResult:
         ``forecast_rmse``, ``forecast_acc``, ``downscaling_small_scale_power_ratio``),
         with dims ``(predictor, variable, <score dim>)``. ``predictor`` lists ``model``
         and the baselines of every evaluated task, and a task's variables are NaN for the
-        baselines of other tasks; their ``baselines`` attribute names the task's own. The
+        baselines of other tasks. Their ``baselines`` attribute names the task's own. The
         score dims are ``lead_time`` (hours) for forecast, ``gap`` (hours) for
         interpolation and ``factor`` for downscaling. Along ``variable`` the coordinates
         ``units``, ``field`` and ``level`` (NaN for a surface field) describe each
-        channel. ``downscaling_spectrum`` holds the power spectra along longitude, dims
+        channel. ``downscaling_spectrum`` contains the power spectra along longitude, dims
         ``(spectrum_of, variable, factor, wavenumber)`` with ``spectrum_of`` the truth,
         the model and the downscaling baselines, in squared units.
     table: one row per task, metric, variable, lead or gap and baseline, with columns
@@ -100,7 +100,7 @@ class EvaluationResult:
     examples: per task, one sample's ``truth``, ``prediction`` and ``baseline`` (the
         task's first baseline), and ``spread`` for an ensemble, over its scored steps, in
         physical units, with dims ``(variable, time, latitude, longitude)``. The sample is
-        the one whose scored steps come closest to ``map_time``; its attribute
+        the one whose scored steps come closest to ``map_time``, and its attribute
         ``map_time`` is the step to draw. The entry ``<task>`` contains the fields on the
         first field's crop, and fields on another crop are under ``<task>-<variable>``
         with the first variable of that crop. Interpolation keeps its longest gap and
@@ -397,12 +397,6 @@ def _crop_climatology(
     climatology = metrics.build_climatology(series, train_period).compute()
     kind = climatology.attrs["climatology_kind"]
     if "hour" in climatology.dims and not valid_hours <= set(climatology["hour"].values.tolist()):
-        missing = sorted(valid_hours - set(climatology["hour"].values.tolist()))
-        logger.warning(
-            "the training period %s has no steps at hours %s (UTC) of the evaluation period: the ACC and the "
-            "climatology baseline of %s use the training-period mean at every hour",
-            train_period, missing, crop.names,
-        )
         climatology = series.mean("time").compute().expand_dims(hour=np.arange(24))
         kind = "mean"
 
@@ -434,6 +428,12 @@ def _attach_climatologies(ds: xr.Dataset, crops: dict[str, _Crop], dataset: Fiel
     for crop in crops.values():
         crop.climatology = _crop_climatology(ds, crop, train_period, hours)
         kinds.add(crop.climatology.attrs["climatology_kind"])
+    if "mean" in kinds:
+        logger.warning(
+            "the training period %s lacks hours of day that the evaluation scores (%s UTC): the ACC and the "
+            "climatology baseline use the training-period mean at every hour",
+            train_period, sorted(hours),
+        )
     return ",".join(sorted(kinds))
 
 
@@ -483,7 +483,7 @@ class _ScoreSums:
         self.acc_counts[predictor] = self.acc_counts.get(predictor, 0) + per_field.notnull().sum(sample_dims)
 
     def add_ensemble(self, members: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray) -> None:
-        """Add the model's fair CRPS and ensemble variance; members have a ``member`` dim."""
+        """Add the model's fair CRPS and ensemble variance from members with a ``member`` dim."""
         batch = members.sizes["sample"]
         self.n_members = members.sizes["member"]
         crps = metrics.crps_ensemble(members, truth, "member", weights=weights, dims=self.reduce_dims)
@@ -508,7 +508,7 @@ class _ScoreSums:
         return self.sums[(name, "spectrum")] / self.n_samples
 
     def result(self, predictor: str, metric: str, template: xr.DataArray) -> xr.DataArray:
-        """Return one pooled score; `template` (zeros of the score's shape) shapes the NaN of undefined ones."""
+        """Return one pooled score, or NaN shaped like `template` (zeros of the score's shape) where it is undefined."""
         if metric == "acc" and predictor in self.acc_counts:
             counts = self.acc_counts[predictor]
             return self.sums[(predictor, "acc")] / counts.where(counts > 0)
@@ -598,7 +598,7 @@ def _score_field(
     times: np.ndarray,
     scored: slice,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray | None], np.ndarray | None]:
-    """Add one batch of one field to its sums; return truth, prediction, baselines and spread, scored steps only."""
+    """Add one batch of one field to its sums and return its truth, prediction, baselines and spread at the scored steps."""
     crop, sums = scores.crop, scores.sums
     lead_time = np.arange(1, scored.stop - scored.start + 1) if case.task == "forecast" else None
     physical_members = _denormalise_members(crop, members, times)[:, :, :, scored]
@@ -647,7 +647,7 @@ def _run_case(
     device: torch.device,
     map_time: np.datetime64 | None,
 ) -> tuple[list[_FieldScores], list[xr.Dataset]]:
-    """Run the model over all windows for one case; return its scores per field and one example per field."""
+    """Run the model over all windows for one case and return its scores and one example, per field."""
     scored = _scored_steps(case, config)
     reduce_dims = ("sample", "latitude", "longitude") if case.task == "forecast" else ("sample", "step", "latitude", "longitude")
     field_scores = [
@@ -722,7 +722,7 @@ def _example(
     }
     if spread is not None:
         data_vars["spread"] = (dims, spread.astype(np.float32))
-    shown = times[-1] if map_time is None else times[int(np.argmin(np.abs(times - map_time)))]
+    map_step = times[-1] if map_time is None else times[int(np.argmin(np.abs(times - map_time)))]
     return xr.Dataset(
         data_vars,
         coords=coords,
@@ -731,7 +731,7 @@ def _example(
             "baseline": BASELINES[case.task][0],
             "title": _title(case),
             "label_value": case.label,
-            "map_time": str(np.datetime_as_string(shown, unit="m")),
+            "map_time": str(np.datetime_as_string(map_step, unit="m")),
         },
     )
 

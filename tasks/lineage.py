@@ -24,7 +24,10 @@ from tasks.tracking import (
     TAG_PARENT,
     TAG_PREFECT_FLOW_RUN,
     TAG_STAGE,
+    TAG_RESUMED,
     TAG_UPSTREAM,
+    TAG_VERSION_PREFIX,
+    TAG_WEIGHTS_PARENT,
     client,
 )
 
@@ -48,6 +51,13 @@ def run_lineage(run_id: str, depth: int = 0) -> dict[str, Any]:
         "prefect_flow_run_id": tags.get(TAG_PREFECT_FLOW_RUN),
         "pipeline_run_id": tags.get(TAG_PARENT),
         "init_run_id": tags.get(TAG_INIT_RUN),
+        "weights_parent_run_id": tags.get(TAG_WEIGHTS_PARENT),
+        "resumed": tags.get(TAG_RESUMED) == "true",
+        "package_versions": {
+            key.removeprefix(TAG_VERSION_PREFIX): value
+            for key, value in sorted(tags.items())
+            if key.startswith(TAG_VERSION_PREFIX)
+        },
         "upstream": None,
     }
     if node["stage"] == "ingest":
@@ -101,8 +111,13 @@ def format_lineage(lineage: dict[str, Any]) -> str:
             lines.append(f"{detail_indent}dataset: {node['dataset']}{version}  digest {node['dataset_digest']}")
         if node["prefect_flow_run_id"]:
             lines.append(f"{detail_indent}prefect flow run: {node['prefect_flow_run_id']}")
-        if node["init_run_id"]:
-            lines.append(f"{detail_indent}initialised from run: {node['init_run_id']}")
+        if node["resumed"]:
+            lines.append(f"{detail_indent}resumed from run: {node['weights_parent_run_id']}")
+        elif node["weights_parent_run_id"] or node["init_run_id"]:
+            lines.append(f"{detail_indent}initialised from run: {node['weights_parent_run_id'] or node['init_run_id']}")
+        if node["package_versions"]:
+            versions = ", ".join(f"{name} {version}" for name, version in node["package_versions"].items())
+            lines.append(f"{detail_indent}packages: {versions}")
         for source in node.get("sources", []):
             lines.append(f"{detail_indent}source: {source.get('path')}  sha256 {source.get('sha256')}")
         node = node["upstream"]

@@ -117,14 +117,18 @@ def plot_maps(
     return save_figure(figure, Path(path))
 
 
-def panel_grid(figure: Figure, count: int, columns: int = 4) -> list:
-    """Return `count` axes laid out in rows of at most `columns`, hiding the unused ones."""
+def panel_grid(count: int, columns: int = 4) -> tuple[Figure, list]:
+    """Return a figure with `count` panels of 4 x 3.2 inches in rows of at most `columns`.
+
+    The figure is at least 6 inches wide so that a title fits above a single panel.
+    """
     n_columns = min(columns, count)
     n_rows = -(-count // n_columns)
+    figure = Figure(figsize=(max(6.0, 4.0 * n_columns), 3.2 * n_rows + 0.4), layout="constrained")
     axes = np.atleast_1d(figure.subplots(n_rows, n_columns, squeeze=False)).ravel()
     for ax in axes[count:]:
         ax.set_visible(False)
-    return list(axes[:count])
+    return figure, list(axes[:count])
 
 
 def metric_label(metric: str, units: str) -> str:
@@ -151,8 +155,8 @@ def plot_skill(scores: xr.Dataset, path: str | Path, task: str, metric: str = "r
     dim, axis_label = SKILL_AXES[task]
     predictors = ["model", *[str(name) for name in np.atleast_1d(data.attrs.get("baselines", []))]]
     variables = [str(name) for name in data["variable"].values]
-    figure = Figure(figsize=(4 * min(4, len(variables)), 3.2 * -(-len(variables) // 4)), layout="constrained")
-    for ax, variable in zip(panel_grid(figure, len(variables)), variables, strict=True):
+    figure, axes = panel_grid(len(variables))
+    for ax, variable in zip(axes, variables, strict=True):
         series = data.sel(variable=variable)
         x = series[dim].values
         for index, predictor in enumerate(predictors):
@@ -183,21 +187,24 @@ def plot_spectra(scores: xr.Dataset, path: str | Path, factor: int) -> Path:
         raise ValueError(f"scores contain no 'downscaling_spectrum'; they have {sorted(scores.data_vars)}")
     spectra = scores["downscaling_spectrum"]
     if factor not in spectra["factor"].values:
-        raise ValueError(f"factor {factor} not evaluated; the spectra have factors {spectra['factor'].values.tolist()}")
+        raise ValueError(f"factor {factor} was not evaluated: the spectra have factors {spectra['factor'].values.tolist()}")
 
     spectra = spectra.sel(factor=factor)
     variables = [str(name) for name in spectra["variable"].values]
-    figure = Figure(figsize=(4 * min(4, len(variables)), 3.2 * -(-len(variables) // 4)), layout="constrained")
-    for ax, variable in zip(panel_grid(figure, len(variables)), variables, strict=True):
+    figure, axes = panel_grid(len(variables))
+    for ax, variable in zip(axes, variables, strict=True):
         for index, name in enumerate(spectra["spectrum_of"].values):
             line = spectra.sel(variable=variable, spectrum_of=name).dropna("wavenumber")
-            style = "-" if name == "truth" else ("o-" if name == "model" else "--")
-            colour = "black" if name == "truth" else f"C{index}"
+            style, colour = "--", f"C{index}"
+            if name == "truth":
+                style, colour = "-", "black"
+            elif name == "model":
+                style = "o-"
             ax.loglog(line["wavenumber"].values, line.values, style, color=colour, label=str(name), markersize=3)
         units = str(spectra["units"].sel(variable=variable).values) if "units" in spectra.coords else ""
         ax.set_title(variable)
         ax.set_xlabel("wavenumber (cycles per crop width)")
-        ax.set_ylabel(f"power ({units})²" if units else "power")
+        ax.set_ylabel(f"power [({units})^2]" if units else "power")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     figure.suptitle(f"downscaling, factor {factor}: power spectra along longitude")

@@ -8,6 +8,8 @@ given. The lineage of a run is stored as tags (see `LINEAGE_TAGS`).
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +44,13 @@ TAG_GIT_DIRTY = "atmorep.git_dirty"
 TAG_PREFECT_FLOW_RUN = "atmorep.prefect_flow_run_id"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_INIT_RUN = "atmorep.init_run_id"
+# The run whose weights this run started from: the pretraining run of a fine-tuning run,
+# or the interrupted run that a resumed run continues.
+TAG_WEIGHTS_PARENT = "atmorep.parent_run_id"
+TAG_RESUMED = "atmorep.resumed"
+TAG_CONFIG_DIGEST = "atmorep.config_digest"
+TAG_CHECKPOINT_DIR = "atmorep.checkpoint_dir"
+TAG_VERSION_PREFIX = "atmorep.version."
 LINEAGE_TAGS = (TAG_STAGE, TAG_UPSTREAM, TAG_DATASET, TAG_DATASET_DIGEST, TAG_DATASET_VERSION, TAG_GIT_COMMIT)
 
 TRACKED_PACKAGES = (
@@ -149,7 +158,7 @@ def start_stage_run(
         TAG_PREFECT_FLOW_RUN: prefect_flow_run_id,
         TAG_PARENT: parent_run_id,
     }
-    tags.update({f"atmorep.version.{name}": version for name, version in package_versions().items()})
+    tags.update({f"{TAG_VERSION_PREFIX}{name}": version for name, version in package_versions().items()})
     tags = {key: value for key, value in tags.items() if value is not None}
 
     mlflow_client = client()
@@ -160,10 +169,10 @@ def start_stage_run(
     return StageRun(run_id=run.info.run_id, experiment_id=experiment_id, stage=stage)
 
 
-def end_stage_run(run_id: str, failed: bool = False) -> None:
-    """Mark the run FINISHED, or FAILED when `failed`."""
-    status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
-    client().set_terminated(run_id, status=status)
+def end_stage_run(run_id: str, failed: bool = False, status: str | None = None) -> None:
+    """Mark the run FINISHED, or FAILED when `failed`, or with `status` (FINISHED, FAILED or KILLED)."""
+    status = status or ("FAILED" if failed else "FINISHED")
+    client().set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
 
 def log_params(run_id: str, params: dict[str, Any], prefix: str = "") -> None:
@@ -219,6 +228,31 @@ def log_dataset_input(run_id: str, name: str, zarr_path: Path, digest: str, cont
     client().log_inputs(run_id, datasets=[dataset_input])
 
 
+def sync_metrics_buffer(run_id: str, buffer_path: Path) -> int:
+    """Send the metrics that training left in its buffer file while MLflow was unreachable.
+
+    Returns the number of metrics sent. A failure is logged and keeps the file, so that a
+    later call can send them; it never raises.
+    """
+    from models.tracking import sync_buffer
+
+    try:
+        sent = sync_buffer(client(), run_id, buffer_path)
+    except Exception as error:  # noqa: BLE001 - a tracking outage must not fail a finished training
+        logger.warning("metrics buffered in %s not sent to run %s, kept for a later sync: %s", buffer_path, run_id, error)
+        return 0
+    if sent:
+        logger.info("sent %d metrics that training buffered in %s to run %s", sent, buffer_path, run_id)
+    return sent
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    """Set several tags of a run."""
+    mlflow_client = client()
+    for key, value in tags.items():
+        mlflow_client.set_tag(run_id, key, value)
+
+
 def get_run_tags(run_id: str) -> dict[str, str]:
     """Return the tags of a run."""
     return dict(client().get_run(run_id).data.tags)
@@ -239,3 +273,74 @@ def find_stage_run(stage: str, dataset_digest: str) -> str | None:
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
+
+
+def config_digest(config: dict[str, Any], dataset_digest: str | None, init_run_id: str | None = None) -> str:
+    """Return the sha256 that identifies a training attempt: its config, dataset content and initial weights.
+
+    Two runs with the same digest train the same steps, so one can resume the other's checkpoint.
+    """
+    payload = json.dumps(
+        {"config": config, "dataset_digest": dataset_digest, "init_run_id": init_run_id}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def find_resumable_runs(stage: str, digest: str, exclude_run_id: str) -> list[tuple[str, Path]]:
+    """Return the unfinished runs of `stage` with config digest `digest` and a checkpoint, newest first.
+
+    A run qualifies when it did not finish (FAILED, KILLED, or RUNNING after its process
+    died) and its checkpoint folder has `checkpoint.pt` but no `done.json`. Whether another
+    process still trains in the folder is decided by `lock_checkpoint_dir`.
+    """
+    mlflow_client = client()
+    runs = mlflow_client.search_runs(
+        experiment_ids=[experiment.experiment_id for experiment in mlflow_client.search_experiments()],
+        filter_string=(
+            f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_CONFIG_DIGEST}` = '{digest}' "
+            "and attributes.status != 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+    )
+    found = []
+    for run in runs:
+        folder = run.data.tags.get(TAG_CHECKPOINT_DIR)
+        if run.info.run_id == exclude_run_id or not folder:
+            continue
+        folder = Path(folder)
+        if (folder / "checkpoint.pt").is_file() and not (folder / "done.json").exists():
+            found.append((run.info.run_id, folder))
+    return found
+
+
+class CheckpointDirLocked(RuntimeError):
+    """Another process trains in this checkpoint folder."""
+
+
+class CheckpointDirLock:
+    """An exclusive `flock` on `DIR/.lock` for as long as one process trains in `DIR`.
+
+    The kernel releases the lock when its process dies, so a folder whose trainer crashed
+    can be locked again at once. Raises CheckpointDirLocked when another process holds it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / ".lock"
+        self.descriptor: int | None = None
+
+    def __enter__(self) -> "CheckpointDirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise CheckpointDirLocked(f"checkpoint folder {self.path.parent} is in use by another training") from None
+        self.descriptor = descriptor
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.descriptor is not None:
+            fcntl.flock(self.descriptor, fcntl.LOCK_UN)
+            os.close(self.descriptor)
+            self.descriptor = None

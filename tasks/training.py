@@ -101,6 +101,7 @@ def launch_training(
     run_logger: logging.Logger | logging.LoggerAdapter | None = None,
     rendezvous: Rendezvous | None = None,
     dataset_path: Path | None = None,
+    source_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train with `torchrun --nproc-per-node=N` and return the contents of `done.json`.
 
@@ -108,6 +109,8 @@ def launch_training(
     metrics to `mlflow_run_id`. The training log goes to `output_dir/train.log` and to
     `run_logger`. Training resumes from `checkpoint.pt` when `output_dir` already contains
     one. `dataset_path` replaces the catalog entry `train.dataset` with a Zarr store.
+    `source_dir` runs the `models` package of another checkout, such as an exported
+    commit, instead of this one.
     """
     rendezvous = rendezvous or Rendezvous()
     run_logger = run_logger or logger
@@ -121,6 +124,9 @@ def launch_training(
         # that resolves the host name unless GLOO_SOCKET_IFNAME is set by the caller.
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env["PYTHONUNBUFFERED"] = "1"
+    if source_dir is not None:
+        # `python -m` looks in the working folder and PYTHONPATH before the installed project.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source_dir), env.get("PYTHONPATH")]))
     env.pop("ATMOREP_MLFLOW_RUN_ID", None)
     if mlflow_run_id:
         env["ATMOREP_MLFLOW_RUN_ID"] = mlflow_run_id
@@ -138,6 +144,7 @@ def launch_training(
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
+            cwd=source_dir,
             start_new_session=True,
         )
         try:

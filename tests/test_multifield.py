@@ -202,20 +202,23 @@ def test_multifield_train_and_evaluate_with_spread(pl_dataset, pl_home, tmp_path
     assert np.isfinite(state.loss)
     assert loaded.model.field_names == ["u", "v", "q", "tcw", "d2m"]
     variables = result.scores["variable"].values.tolist()
-    assert variables == ["u300", "u500", "u850", "v300", "v500", "v850", "q500", "q850", "tcw", "d2m"]
-    assert result.scores["units"].sel(variable="u850").item() == "m s**-1"
+    assert variables == ["u_300", "u_500", "u_850", "v_300", "v_500", "v_850", "q_500", "q_850", "tcw", "d2m"]
+    assert result.scores["units"].sel(variable="u_850").item() == "m s**-1"
     for task in ("forecast", "interpolation", "downscaling"):
         spread = result.scores[f"{task}_spread"]
         crps = result.scores[f"{task}_crps"]
         assert bool((spread.sel(predictor="model") > 0).all()), task
-        assert bool((spread.sel(predictor="baseline") == 0).all()), task
+        baseline = {"forecast": "persistence", "interpolation": "linear", "downscaling": "bicubic"}[task]
+        assert bool((spread.sel(predictor=baseline) == 0).all()), task
         assert bool((crps.sel(predictor="model") > 0).all()), task
-        baseline_mae = result.scores[f"{task}_mae"].sel(predictor="baseline")
-        np.testing.assert_allclose(crps.sel(predictor="baseline"), baseline_mae)
+        baseline_mae = result.scores[f"{task}_mae"].sel(predictor=baseline)
+        np.testing.assert_allclose(crps.sel(predictor=baseline), baseline_mae)
         # The fair CRPS of an ensemble is at most the MAE of its mean.
         assert bool((crps.sel(predictor="model") <= result.scores[f"{task}_mae"].sel(predictor="model") + 1e-6).all())
     assert "forecast/crps/d2m/lead_2h" in result.metrics
-    assert "forecast/spread/u850/lead_1h" in result.metrics
+    assert "forecast/spread/u_850/lead_1h" in result.metrics
+    assert "forecast/acc/u_850/lead_1h" in result.metrics
+    assert "forecast/spread_skill_ratio/q_850/lead_2h" in result.metrics
     assert "spread" in result.examples["forecast"]
 
 
@@ -256,5 +259,7 @@ def test_pretrain_flow_multifield_logs_to_mlflow(data_mirror, tmp_path):
     logged_fields = json.loads(json.dumps(pretrain.data.params))
     assert any(key.startswith("run_config.model.fields") for key in logged_fields)
     evaluation = by_stage["evaluate"].data.metrics
-    assert "forecast/crps/q850/lead_2h" in evaluation
+    assert "forecast/crps/q_850/lead_2h" in evaluation
+    assert "forecast/acc/q_850/lead_2h" in evaluation
+    assert "forecast/spread_skill_ratio/u_300/lead_1h" in evaluation
     assert "downscaling/spread/d2m/factor_4" in evaluation

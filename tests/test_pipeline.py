@@ -28,6 +28,12 @@ TASK_METRICS = [
     "interpolation/rmse_linear/t2m/gap_2h",
     "downscaling/rmse/t2m/factor_4",
     "downscaling/rmse_bicubic/t2m/factor_4",
+    "forecast/rmse_climatology/t2m/lead_1h",
+    "forecast/acc/t2m/lead_3h",
+    "forecast/acc_persistence/t2m/lead_3h",
+    "interpolation/rmse_cubic/t2m/gap_4h",
+    "downscaling/rmse_bilinear/t2m/factor_2",
+    "downscaling/small_scale_power_ratio_bicubic/t2m/factor_2",
 ]
 
 
@@ -131,8 +137,9 @@ def test_pipeline_artifacts_logged(mlflow_client):
     artifacts = {item.path for item in mlflow_client.list_artifacts(runs["evaluate"].info.run_id, "plots")}
 
     assert any(path.endswith(".png") for path in artifacts), artifacts
+    assert {"plots/skill_forecast_acc.png", "plots/forecast_map_t2m.png", "plots/spectrum_factor_4.png"} <= artifacts
     top_level = {item.path for item in mlflow_client.list_artifacts(runs["evaluate"].info.run_id)}
-    assert "scores.csv" in top_level
+    assert {"scores.csv", "scores.nc", "report.md"} <= top_level
 
 
 def test_pipeline_registers_both_models(mlflow_client):
@@ -141,6 +148,21 @@ def test_pipeline_registers_both_models(mlflow_client):
     assert {"atmorep", "atmorep-forecast"} <= names
     pretrained = mlflow.pytorch.load_model("models:/atmorep/1")
     assert type(pretrained).__name__ == "AtmoRep"
+
+
+def test_compare_zero_shot_and_finetuned(pipeline_home, mlflow_client, tmp_path):
+    _, _, env = pipeline_home
+    runs = _runs_by_stage(mlflow_client)
+    run_ids = [runs["evaluate"].info.run_id, runs["finetune"].info.run_id]
+    completed = subprocess.run(
+        [ATMOREP, "compare", *run_ids, "--output", str(tmp_path)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"evaluate {run_ids[0][:8]}" in completed.stdout
+    assert f"finetune {run_ids[1][:8]}" in completed.stdout
+    assert (tmp_path / "compare_forecast_rmse.png").is_file()
 
 
 def test_lineage_traces_model_to_source(pipeline_home, mlflow_client):
