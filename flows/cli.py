@@ -123,15 +123,15 @@ def _run_pretrain(params: PretrainParams) -> dict:
 
 
 def _run_pretrain_mae(params: PretrainMaeParams) -> dict:
-    from flows.mae import pretrain_mae
+    from flows.mae import pretrain
 
-    return pretrain_mae(params)
+    return pretrain(params)
 
 
 def _run_finetune_mae(params: FinetuneMaeParams) -> dict:
-    from flows.mae import finetune_mae
+    from flows.mae import finetune
 
-    return finetune_mae(params)
+    return finetune(params)
 
 
 def _run_evaluate(params: EvaluateParams) -> dict:

@@ -3,6 +3,8 @@
 Both flows train with torchrun through the same loop, checkpoints and MLflow tracking as
 AtmoRep (`flows.pretrain.train_and_register`). Their Prefect flow names are `pretrain`
 and `finetune`, so their deployments sit beside `pretrain/atmorep` and `finetune/atmorep`.
+The functions carry the same names because `prefect deploy --name FLOW/DEPLOYMENT`
+(Prefect 3.9) matches FLOW against the function name of the entrypoint.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def log_reconstructions(run_id: str, checkpoint: Path, zarr_path: Path, count: i
 
 
 @flow(name="pretrain", flow_run_name="mae-{params.dataset}")
-def pretrain_mae(params: PretrainMaeParams = PretrainMaeParams()) -> dict:
+def pretrain(params: PretrainMaeParams = PretrainMaeParams()) -> dict:
     """Pretrain a masked autoencoder on a catalog image dataset, register it and log reconstructions.
 
     Returns the MLflow run id, the registered model URI, the final training loss and the
@@ -173,7 +175,7 @@ def classification_report(mode: str, scores: dict[str, float], classes: int) -> 
 
 
 @flow(name="finetune", flow_run_name="mae-{params.mode}")
-def finetune_mae(params: FinetuneMaeParams = FinetuneMaeParams()) -> dict:
+def finetune(params: FinetuneMaeParams = FinetuneMaeParams()) -> dict:
     """Train a classifier on a pretrained masked autoencoder (linear probe or full), score and register it.
 
     Returns the MLflow run id, the registered model URI, the final training loss and the

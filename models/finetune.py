@@ -251,7 +251,10 @@ def initialise_from_pretrained(
             )
     unused = sorted(set(pretrained) - set(state))
     if unused:
-        raise ValueError(f"checkpoint {source} has parameters the fine-tuning model lacks: {unused[:5]}")
+        raise ValueError(
+            f"checkpoint {source} has {len(unused)} parameters that the fine-tuning model lacks, such as "
+            f"{unused[:5]}: fine-tune from the checkpoint's own model"
+        )
     model.load_state_dict(state)
 
     logger.info(

@@ -22,7 +22,7 @@ import xarray as xr
 from mlflow.exceptions import MlflowException
 
 from data_catalog.workspace import atmorep_home
-from tasks.evaluate import BASELINES, SCORE_DIMS, score_label
+from tasks.scoring import BASELINES, SCORE_DIMS, score_label
 from tasks.plots import metric_label, panel_grid, save_figure
 from tasks.reporting import SCORES_FILE, open_scores
 from tasks.tracking import TAG_STAGE, client

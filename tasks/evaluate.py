@@ -32,7 +32,8 @@ the fair ``crps``, the ``spread`` (square root of the pooled ensemble variance) 
 ``spread_skill_ratio``. For the deterministic baselines the spread is 0, the CRPS equals
 the MAE and the spread-skill ratio is not defined (NaN). Downscaling adds the
 ``small_scale_power_ratio``: the share of the truth's power at wavelengths below 4 grid
-spacings that a prediction keeps, from power spectra accumulated over all samples.
+spacings that a prediction keeps, from power spectra accumulated over all samples. The
+running sums and the metric names are in `tasks.scoring`.
 """
 
 from __future__ import annotations
@@ -53,25 +54,10 @@ from models.data import FieldDataset
 from models.masking import corrupt, downscaling_mask, forecast_mask, interpolation_mask
 from tasks import baselines, metrics
 from tasks.normalise import dataset_statistics, denormalise, denormalise_window
+from tasks.scoring import BASELINES, SCORE_DIMS, TASKS, ScoreSums, flatten_scores, task_metrics
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("forecast", "interpolation", "downscaling")
-# Baselines of each task, the first being the one the summary tables set beside the model.
-BASELINES = {
-    "forecast": ("persistence", "climatology"),
-    "interpolation": ("linear", "cubic"),
-    "downscaling": ("bilinear", "bicubic"),
-}
-METRICS = ("rmse", "mae", "bias", "acc")
-# Scores added for a model with more than one ensemble member.
-ENSEMBLE_METRICS = ("crps", "spread", "spread_skill_ratio")
-# Scores added for downscaling, from the power spectra along longitude.
-SPECTRAL_METRICS = ("small_scale_power_ratio",)
-# Scores without units; the others are in the variable's units.
-UNITLESS_METRICS = ("acc", "spread_skill_ratio", "small_scale_power_ratio")
-# Score dimension of each task: its coordinate labels are hours, hours and a factor.
-SCORE_DIMS = {"forecast": "lead_time", "interpolation": "gap", "downscaling": "factor"}
 DEFAULT_DOWNSCALING_FACTORS = (2, 4)
 # Cubic interpolation in time uses this many visible steps on each side of the gap.
 CUBIC_CONTEXT_STEPS = 2
@@ -409,7 +395,10 @@ def _crop_climatology(
         mean = xr.DataArray([0.0 if np.isnan(c.mean) else c.mean for c in crop.channels], dims="variable")
         std = xr.DataArray([1.0 if np.isnan(c.std) else c.std for c in crop.channels], dims="variable")
         climatology = climatology.astype(np.float64) * std + mean
-    climatology = climatology.transpose(*[dim for dim in ("dayofyear", "hour") if dim in climatology.dims], "variable", ...)
+    time_dims = [dim for dim in ("dayofyear", "hour") if dim in climatology.dims]
+    # NOTE: a day-of-year climatology has 366 x 24 fields per channel, about 144 MB for one
+    # channel on a 64 x 64 crop in float32, and it stays in memory for the whole evaluation.
+    climatology = climatology.transpose(*time_dims, "variable", ...).astype(np.float32)
     climatology.attrs = {"climatology_kind": kind}
     return climatology
 
@@ -435,102 +424,6 @@ def _attach_climatologies(ds: xr.Dataset, crops: dict[str, _Crop], dataset: Fiel
             train_period, sorted(hours),
         )
     return ",".join(sorted(kinds))
-
-
-# --- accumulating scores ----------------------------------------------------------------------
-
-
-class _ScoreSums:
-    """Running sums of the scores of one case and field, per predictor and metric.
-
-    Every sample has the same crop and so the same latitude weights, and inputs and
-    predictions contain no NaN (both are checked). The pooled weighted mean over all
-    samples is therefore the sample-count-weighted mean of the per-batch weighted means.
-    RMSE is pooled as MSE and the spread as the ensemble variance, both rooted at the end.
-    The ACC is a sum of per-sample, per-step values with their count. Power spectra are
-    sums of per-batch mean spectra, weighted by the batch size.
-    """
-
-    def __init__(self, reduce_dims: tuple[str, ...]) -> None:
-        self.reduce_dims = reduce_dims
-        self.n_samples = 0
-        self.n_members = 1
-        self.sums: dict[tuple[str, str], xr.DataArray] = {}
-        self.acc_counts: dict[str, xr.DataArray] = {}
-
-    def _accumulate(self, predictor: str, metric: str, batch: int, value: xr.DataArray) -> None:
-        key = (predictor, metric)
-        self.sums[key] = self.sums.get(key, 0) + batch * value
-
-    def add(
-        self,
-        predictor: str,
-        prediction: xr.DataArray,
-        truth: xr.DataArray,
-        weights: xr.DataArray,
-        climatology: xr.DataArray,
-    ) -> None:
-        """Add the deterministic scores and the ACC of one predictor's batch."""
-        batch = prediction.sizes["sample"]
-        self._accumulate(predictor, "rmse", batch, metrics.mse(prediction, truth, weights, self.reduce_dims))
-        self._accumulate(predictor, "mae", batch, metrics.mae(prediction, truth, weights, self.reduce_dims))
-        self._accumulate(predictor, "bias", batch, metrics.bias(prediction, truth, weights, self.reduce_dims))
-
-        # One ACC per sample and step, as WeatherBench 2 scores each initial time and lead.
-        per_field = metrics.acc(prediction, truth, climatology, weights, dims=("latitude", "longitude"))
-        sample_dims = [dim for dim in ("sample", "step") if dim in self.reduce_dims]
-        self.sums[(predictor, "acc")] = self.sums.get((predictor, "acc"), 0) + per_field.sum(sample_dims, skipna=True)
-        self.acc_counts[predictor] = self.acc_counts.get(predictor, 0) + per_field.notnull().sum(sample_dims)
-
-    def add_ensemble(self, members: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray) -> None:
-        """Add the model's fair CRPS and ensemble variance from members with a ``member`` dim."""
-        batch = members.sizes["sample"]
-        self.n_members = members.sizes["member"]
-        crps = metrics.crps_ensemble(members, truth, "member", weights=weights, dims=self.reduce_dims)
-        variance = metrics.ensemble_spread(members, "member", weights, self.reduce_dims) ** 2
-        self._accumulate("model", "crps", batch, crps)
-        self._accumulate("model", "spread", batch, variance)
-
-    def add_spectrum(self, name: str, values: xr.DataArray) -> None:
-        """Add the mean power spectrum along longitude of one batch, per variable."""
-        batch = values.sizes["sample"]
-        spectrum = metrics.power_spectrum(values, "longitude", dims=("sample", "step", "latitude"))
-        # Crops of different widths have different wavelengths; the wavenumber stays comparable.
-        spectrum = spectrum.drop_vars("wavelength", errors="ignore")
-        self._accumulate(name, "spectrum", batch, spectrum)
-
-    def has(self, predictor: str, metric: str) -> bool:
-        return (predictor, metric) in self.sums
-
-    def spectrum(self, name: str) -> xr.DataArray | None:
-        if not self.has(name, "spectrum"):
-            return None
-        return self.sums[(name, "spectrum")] / self.n_samples
-
-    def result(self, predictor: str, metric: str, template: xr.DataArray) -> xr.DataArray:
-        """Return one pooled score, or NaN shaped like `template` (zeros of the score's shape) where it is undefined."""
-        if metric == "acc" and predictor in self.acc_counts:
-            counts = self.acc_counts[predictor]
-            return self.sums[(predictor, "acc")] / counts.where(counts > 0)
-        if metric in ("crps", "spread") and predictor != "model" and self.has("model", metric):
-            # A deterministic baseline has spread 0, and its CRPS is its MAE.
-            return template * 0 if metric == "spread" else self.result(predictor, "mae", template)
-        if metric == "spread_skill_ratio":
-            if predictor != "model" or not self.has("model", "spread"):
-                return template * np.nan
-            spread = self.result("model", "spread", template)
-            skill = self.result("model", "rmse", template)
-            return np.sqrt((self.n_members + 1) / self.n_members) * spread / skill
-        if metric == "small_scale_power_ratio":
-            predicted, truth = self.spectrum(predictor), self.spectrum("truth")
-            if predicted is None or truth is None:
-                return template * np.nan
-            small_scales = truth["wavenumber"] > truth.sizes["wavenumber"] / 2
-            return predicted.where(small_scales).sum("wavenumber") / truth.where(small_scales).sum("wavenumber")
-        if not self.has(predictor, metric):
-            return template * np.nan
-        mean = self.sums[(predictor, metric)] / self.n_samples
-        return np.sqrt(mean) if metric in ("rmse", "spread") else mean
 
 
 def _predict(
@@ -567,7 +460,7 @@ class _FieldScores:
 
     field: FieldConfig
     crop: _Crop
-    sums: _ScoreSums
+    sums: ScoreSums
 
 
 @dataclass
@@ -651,7 +544,7 @@ def _run_case(
     scored = _scored_steps(case, config)
     reduce_dims = ("sample", "latitude", "longitude") if case.task == "forecast" else ("sample", "step", "latitude", "longitude")
     field_scores = [
-        _FieldScores(field_config, crops[field_config.name], _ScoreSums(reduce_dims)) for field_config in config.model.fields
+        _FieldScores(field_config, crops[field_config.name], ScoreSums(reduce_dims)) for field_config in config.model.fields
     ]
     choices = [_ExampleChoice() for _ in field_scores]
 
@@ -745,21 +638,7 @@ def _title(case: _Case) -> str:
     return f"downscaling, factor {case.label}"
 
 
-def score_label(task: str, value: int) -> str:
-    """Return the lead or gap part of a metric name: ``lead_3h``, ``gap_2h`` or ``factor_4``."""
-    if task == "forecast":
-        return f"lead_{value}h"
-    if task == "interpolation":
-        return f"gap_{value}h"
-    return f"factor_{value}"
-
-
 # --- assembling the results -------------------------------------------------------------------
-
-
-def _task_metrics(task: str, ensemble: bool) -> tuple[str, ...]:
-    names = METRICS + (ENSEMBLE_METRICS if ensemble else ())
-    return names + (SPECTRAL_METRICS if task == "downscaling" else ())
 
 
 def _case_values(case: _Case, field_scores: list[_FieldScores], predictor: str, metric: str) -> xr.DataArray:
@@ -800,7 +679,7 @@ def _collect_scores(case_sums: list[tuple[_Case, list[_FieldScores]]], ensemble:
     data_vars = {}
     for task, entries in by_task.items():
         dim = SCORE_DIMS[task]
-        for metric in _task_metrics(task, ensemble):
+        for metric in task_metrics(task, ensemble):
             per_predictor = []
             for predictor in ("model", *BASELINES[task]):
                 per_case = [_case_values(case, field_scores, predictor, metric) for case, field_scores in entries]
@@ -825,48 +704,6 @@ def _collect_scores(case_sums: list[tuple[_Case, list[_FieldScores]]], ensemble:
         if dim in scores.coords:
             scores[dim].attrs["units"] = unit
     return scores
-
-
-def flatten_scores(scores: xr.Dataset) -> tuple[dict[str, float], pd.DataFrame]:
-    """Turn a scores Dataset into flat metric names and a model-against-baseline table.
-
-    The metric names follow ``<task>/<metric>/<variable>/<label>`` for the model and
-    ``<task>/<metric>_<baseline>/<variable>/<label>`` for each baseline; NaN scores get no
-    name. The table has one row per baseline, NaN where a score is not defined.
-    """
-    flat: dict[str, float] = {}
-    rows = []
-    for task, dim in SCORE_DIMS.items():
-        for metric in (*METRICS, *ENSEMBLE_METRICS, *SPECTRAL_METRICS):
-            key = f"{task}_{metric}"
-            if key not in scores:
-                continue
-            data = scores[key]
-            baseline_names = [str(name) for name in np.atleast_1d(data.attrs["baselines"])]
-            for variable in data["variable"].values:
-                for value in data[dim].values:
-                    label = score_label(task, int(value))
-                    point = data.sel(variable=variable, **{dim: value})
-                    model_score = float(point.sel(predictor="model"))
-                    if np.isfinite(model_score):
-                        flat[f"{task}/{metric}/{variable}/{label}"] = model_score
-                    for baseline in baseline_names:
-                        baseline_score = float(point.sel(predictor=baseline))
-                        if np.isfinite(baseline_score):
-                            flat[f"{task}/{metric}_{baseline}/{variable}/{label}"] = baseline_score
-                        rows.append(
-                            {
-                                "task": task,
-                                "metric": metric,
-                                "variable": str(variable),
-                                "lead_or_gap": label,
-                                "model": model_score,
-                                "baseline": baseline,
-                                "baseline_value": baseline_score,
-                                "difference": model_score - baseline_score,
-                            }
-                        )
-    return flat, pd.DataFrame(rows)
 
 
 def _crops(config: RunConfig, ds: xr.Dataset, dataset: FieldDataset) -> dict[str, _Crop]:

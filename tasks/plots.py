@@ -17,10 +17,10 @@ import xarray as xr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tasks.scoring import UNITLESS_METRICS
+
 logger = logging.getLogger(__name__)
 
-# Scores that are ratios or correlations, drawn without units.
-UNITLESS_METRICS = ("acc", "spread_skill_ratio", "small_scale_power_ratio")
 
 SKILL_AXES = {
     "forecast": ("lead_time", "lead time (h)"),

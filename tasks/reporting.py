@@ -13,17 +13,17 @@ import numpy as np
 import xarray as xr
 from mlflow.entities import Metric
 
-from tasks.evaluate import (
+from tasks.evaluate import EvaluationResult
+from tasks.plots import plot_maps, plot_skill, plot_spectra
+from tasks.scoring import (
     BASELINES,
     ENSEMBLE_METRICS,
     METRICS,
     SCORE_DIMS,
     SPECTRAL_METRICS,
     UNITLESS_METRICS,
-    EvaluationResult,
     score_label,
 )
-from tasks.plots import plot_maps, plot_skill, plot_spectra
 from tasks.tracking import client
 
 logger = logging.getLogger(__name__)

@@ -111,7 +111,7 @@ def reproduce_run(run_id: str, allow_dirty: bool = False, nproc_per_node: int | 
     stage = tags.get(TAG_STAGE)
     if stage not in TRAINING_STAGES:
         raise ReproductionRejected(
-            f"run {run_id} is a {stage or 'untagged'} run: only {' and '.join(TRAINING_STAGES)} runs can be reproduced"
+            f"run {run_id} has stage {stage or 'none'}: only {' and '.join(TRAINING_STAGES)} runs can be reproduced"
         )
 
     commit = check_commit(run_id, tags, allow_dirty)

@@ -30,12 +30,12 @@ PL_TRAIN = ("2020-01-01T00:00", "2020-01-01T17:00")
 PL_TEST = ("2020-01-01T18:00", "2020-01-01T23:00")
 SINGLE_PROCESS = DistributedContext(rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
 
-# u and v at two levels, 3 hours in 3 time tokens on a 16 x 16 crop, the forecast the last token.
+# u and v at 850 hPa, 3 hours in 3 time tokens on a 16 x 16 crop, the forecast the last token.
 BASE_CONFIG = {
     "model": {
         "fields": [
-            {"name": "u", "levels": [500, 850], "token_shape": [1, 8, 8], "num_tokens": [3, 2, 2], "neighbours": ["v"]},
-            {"name": "v", "levels": [500, 850], "token_shape": [1, 8, 8], "num_tokens": [3, 2, 2], "neighbours": ["u"]},
+            {"name": "u", "levels": [850], "token_shape": [1, 8, 8], "num_tokens": [3, 2, 2], "neighbours": ["v"]},
+            {"name": "v", "levels": [850], "token_shape": [1, 8, 8], "num_tokens": [3, 2, 2], "neighbours": ["u"]},
         ],
         "embed_dim": 32,
         "depth": 1,
@@ -296,7 +296,7 @@ def test_finetune_flow_registers_each_task(pretrained, pl_home):
         assert run.info.status == "FINISHED"
         assert result["steps"] == 2
     assert runs[0].data.params["finetune.new_parameters"] == '["fields.u.time_position", "fields.v.time_position"]'
-    assert "forecast/rmse/u_500/lead_2h" in runs[0].data.metrics
+    assert "forecast/rmse/u_850/lead_2h" in runs[0].data.metrics
     assert "downscaling/rmse/v_850/factor_2" in runs[1].data.metrics
     assert runs[2].data.params["finetune.new_parameters"] == '["fields.q"]'
     assert "forecast/rmse/q_850/lead_1h" in runs[2].data.metrics

@@ -311,3 +311,16 @@ def test_finetune_mae_flow_scores_and_registers(flow_home):
     for name, tensor in pretrained.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[name], tensor), f"frozen encoder weight {name} changed"
     assert json.loads((checkpoint.parent / "done.json").read_text())["step"] == 4
+
+
+@pytest.mark.parametrize("flow_name", ["pretrain", "finetune"])
+def test_mae_deployment_entrypoint_matches_flow_name(flow_name):
+    from prefect.flows import load_flow_from_entrypoint
+
+    deployments = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+    entrypoints = [item["entrypoint"] for item in deployments if item["name"] == "mae"]
+    entrypoint = next(item for item in entrypoints if item.endswith(f":{flow_name}"))
+
+    # `prefect deploy --name pretrain/mae` matches "pretrain" against the function name.
+    assert entrypoint == f"flows/mae.py:{flow_name}"
+    assert load_flow_from_entrypoint(str(REPO_ROOT / entrypoint)).name == flow_name

@@ -47,6 +47,8 @@ def atmorep_env(home: Path, data_mirror: Path) -> dict:
         "ATMOREP_HOME": str(home),
         "PREFECT_HOME": str(home / "prefect"),
         "ATMOREP_DATA_MIRROR": str(data_mirror),
+        # The temporary Prefect server takes longer than its default 20 s on a busy machine.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_API_URL", None)
@@ -142,4 +144,4 @@ def test_reproduce_rejects_ingest_run(pretrained, monkeypatch, capsys):
     status, stderr = reproduce_in_process([ingest_run_id], env, monkeypatch, capsys)
 
     assert status == 1
-    assert "is a ingest run" in stderr
+    assert f"run {ingest_run_id} has stage ingest" in stderr
