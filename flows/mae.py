@@ -116,7 +116,9 @@ def pretrain(params: PretrainMaeParams = PretrainMaeParams()) -> dict:
     return {**trained, **figure, "reconstructions": RECONSTRUCTION_ARTIFACT}
 
 
-def classifier_config(pretrained: MAERunConfig, params: FinetuneMaeParams, dataset: str, num_classes: int) -> ClassifierRunConfig:
+def classifier_config(
+    pretrained: MAERunConfig, params: FinetuneMaeParams, dataset: str, num_classes: int
+) -> ClassifierRunConfig:
     """Return the classifier config: the pretrained model and augmentation, the mode's training defaults."""
     train = {**pretrained.train.model_dump(mode="json"), **CLASSIFIER_TRAIN[params.mode], "dataset": dataset}
     for dotted_key, value in training_overrides(params).items():
@@ -126,7 +128,10 @@ def classifier_config(pretrained: MAERunConfig, params: FinetuneMaeParams, datas
     return ClassifierRunConfig(
         model=pretrained.model,
         head=ClassifierHeadConfig(
-            num_classes=num_classes, mode=params.mode, holdout_images=params.holdout_images, split_seed=params.split_seed
+            num_classes=num_classes,
+            mode=params.mode,
+            holdout_images=params.holdout_images,
+            split_seed=params.split_seed,
         ),
         augment=pretrained.augment,
         train=train,
@@ -162,7 +167,8 @@ def classification_report(mode: str, scores: dict[str, float], classes: int) -> 
         f"| test (held out) | {scores['test/images']:.0f} | {scores['test/top1']:.3f} | {scores['test/top5']:.3f} |",
         f"| chance over {classes} classes | | {scores['chance_top1']:.3f} | {scores['chance_top5']:.3f} |",
         "",
-        f"{scores['test/seen_class_fraction']:.0%} of the held-out images belong to a class that the training split contains.",
+        f"{scores['test/seen_class_fraction']:.0%} of the held-out images belong to a class that the "
+        "training split contains.",
     ]
     if scores["test/seen_class_fraction"] < 0.5:
         lines += [
@@ -198,7 +204,8 @@ def finetune(params: FinetuneMaeParams = FinetuneMaeParams()) -> dict:
     with stage_run("finetune", params, upstream_run_id=upstream, entry=entry) as run:
         client().set_tag(run.run_id, TAG_INIT_RUN, resolved.run_id)
         init_checkpoint = atmorep_home() / "checkpoints" / run.run_id / "init.pt"
-        save_checkpoint(init_checkpoint, model=classifier_from_pretrained(pretrained_model, config), config=config, step=0)
+        initial = classifier_from_pretrained(pretrained_model, config)
+        save_checkpoint(init_checkpoint, model=initial, config=config, step=0)
         trained = train_and_register(
             "finetune", config, params, run.run_id, params.registered_name, init_checkpoint=init_checkpoint
         )

@@ -145,7 +145,9 @@ def check_compatible(saved: ModelConfig, current: ModelConfig, source: str | Pat
 RELOADABLE_MAE_FIELDS = frozenset({"mask_ratio", "norm_pix_loss"})
 
 
-def _settings_mismatches(saved: dict[str, Any], current: dict[str, Any], prefix: str, reloadable: frozenset) -> list[str]:
+def _settings_mismatches(
+    saved: dict[str, Any], current: dict[str, Any], prefix: str, reloadable: frozenset
+) -> list[str]:
     return [
         f"{prefix}.{name}: checkpoint {saved.get(name)!r}, config {current.get(name)!r}"
         for name in sorted(set(saved) | set(current))

@@ -203,6 +203,9 @@ def compare_runs(run_ids: Sequence[str], metric: str = "rmse", output: str | Pat
     """
     if len(run_ids) < 1:
         raise ValueError("give at least one MLflow run id to compare")
+    repeated = sorted({run_id for run_id in run_ids if list(run_ids).count(run_id) > 1})
+    if repeated:
+        raise ValueError(f"run ids {repeated} are given more than once: give each run once")
     evaluations = [load_evaluation(run_id) for run_id in run_ids]
     table = comparison_table(evaluations, metric)
 

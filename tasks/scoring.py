@@ -25,7 +25,7 @@ METRICS = ("rmse", "mae", "bias", "acc")
 ENSEMBLE_METRICS = ("crps", "spread", "spread_skill_ratio")
 # Scores added for downscaling, from the power spectra along longitude.
 SPECTRAL_METRICS = ("small_scale_power_ratio",)
-# Scores without units; the others are in the variable's units.
+# Scores without units. The others are in the units of their variable.
 UNITLESS_METRICS = ("acc", "spread_skill_ratio", "small_scale_power_ratio")
 # Score dimension of each task: its coordinate labels are hours, hours and a factor.
 SCORE_DIMS = {"forecast": "lead_time", "interpolation": "gap", "downscaling": "factor"}
@@ -137,6 +137,7 @@ def score_label(task: str, value: int) -> str:
 
 
 def task_metrics(task: str, ensemble: bool) -> tuple[str, ...]:
+    """Return the metrics scored for a task, with the ensemble ones when `ensemble` is True."""
     names = METRICS + (ENSEMBLE_METRICS if ensemble else ())
     return names + (SPECTRAL_METRICS if task == "downscaling" else ())
 
@@ -145,7 +146,7 @@ def flatten_scores(scores: xr.Dataset) -> tuple[dict[str, float], pd.DataFrame]:
     """Turn a scores Dataset into flat metric names and a model-against-baseline table.
 
     The metric names follow ``<task>/<metric>/<variable>/<label>`` for the model and
-    ``<task>/<metric>_<baseline>/<variable>/<label>`` for each baseline; NaN scores get no
+    ``<task>/<metric>_<baseline>/<variable>/<label>`` for each baseline. NaN scores get no
     name. The table has one row per baseline, NaN where a score is not defined.
     """
     flat: dict[str, float] = {}

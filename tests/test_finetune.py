@@ -12,7 +12,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.finetune import finetune_config
 from flows.params import FinetuneParams
 from models.checkpoint import load_checkpoint
-from models.config import FieldConfig, RunConfig
+from models.config import RunConfig
 from models.data import FieldDataset
 from models.finetune import (
     check_intended_changes,
