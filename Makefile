@@ -11,6 +11,8 @@ export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GLOO_SOCKET_IFNAME := lo
+# Seconds Prefect waits for its temporary API server (default 20), which a busy machine can exceed.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 # Everything the pipeline writes goes under ATMOREP_HOME: data, catalog, checkpoints,
 # the MLflow store and the Prefect database.

@@ -25,6 +25,9 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+# Prefect 3 waits 20 s by default for the temporary API server that a run without
+# PREFECT_API_URL starts, which a loaded machine can exceed.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # Artifact downloads are small here; their progress bars would clutter the output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 if os.environ.get("PREFECT_HOME"):
@@ -78,13 +81,17 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
         kwargs = _option_kwargs(field.annotation)
         default = field.get_default(call_default_factory=True)
         help_text = field.description or ""
+        # A field may name its values for the help text: json_schema_extra={"metavar": ...}.
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if "metavar" in extra:
+            kwargs["metavar"] = tuple(extra["metavar"]) if isinstance(extra["metavar"], list) else extra["metavar"]
         if name in positional:
             # List fields already take "+" values from _option_kwargs, other fields take one value.
             parser.add_argument(name, help=help_text, **{k: v for k, v in kwargs.items() if k != "metavar"})
             continue
         if isinstance(default, tuple):
             help_text += f" (default: {' '.join(map(str, default))})"
-        elif default is not None and default != []:
+        elif default is not None and default != [] and default != {}:
             help_text += f" (default: {default})"
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=help_text, **kwargs)
 

@@ -93,6 +93,7 @@ def ingest(params: IngestEra5Params = IngestEra5Params()) -> dict:
             coarsen_factor=params.coarsen_factor,
             normalisation=params.normalisation,
             on_time_gaps=params.on_time_gaps,
+            grib_decoder=params.grib_decoder,
             scheduler_address=params.scheduler_address,
         )
     entry = result.entry

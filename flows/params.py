@@ -89,6 +89,7 @@ class IngestEra5Params(FlowParams):
         None,
         description="crop to north, west, south, east in degrees; west > east crosses the 180° meridian "
         "(default: the whole grid)",
+        json_schema_extra={"metavar": ["N", "W", "S", "E"]},
     )
     longitude_convention: Literal["-180..180", "0..360"] = Field(
         "-180..180", description="longitude range of the stored grid, in degrees"
@@ -100,14 +101,23 @@ class IngestEra5Params(FlowParams):
         default_factory=dict,
         description="normalisation scheme per variable as VARIABLE=SCHEME: global (mean and std per level) or "
         "local (per calendar month, level and grid point); unlisted variables use global",
+        json_schema_extra={"metavar": "VARIABLE=SCHEME"},
     )
     on_time_gaps: Literal["error", "keep"] = Field(
         "error", description="missing or irregular time steps: error, or keep them with their true times"
     )
+    grib_decoder: Literal["auto", "eccodes", "cfgrib"] = Field(
+        "auto",
+        description="how GRIB sources are decoded: eccodes reads the messages directly and decodes and writes "
+        "on a dask cluster; cfgrib decodes through xarray in this process; auto uses eccodes when the GRIB "
+        "sources hold at least 32 MiB of values as float32 (before cropping) and cfgrib below that. NetCDF "
+        "and Zarr sources, and GRIB files that the eccodes path does not support, always use the cfgrib path",
+    )
     scheduler_address: str | None = Field(
         None,
         description="address of a dask.distributed scheduler (tcp://HOST:PORT) that decodes and writes GRIB "
-        "regions; default: a local dask cluster on 127.0.0.1, one worker process per core, started per ingest",
+        "regions when the eccodes decoder is used (see grib_decoder); default: a local dask cluster on "
+        "127.0.0.1, one worker process per core, started per ingest. Unused with the cfgrib decoder",
     )
     append: bool = Field(
         False,

@@ -245,6 +245,7 @@ def _write_version(
     try:
         writer.link_store(store, staging)
         data = normalised.drop_vars([MEMBER, LEVEL, LATITUDE, LONGITUDE], errors="ignore")
+        data = data.chunk(_append_chunks(data, entry.time_count - data.sizes[TIME], entry.time_chunk))
         data.to_zarr(staging, append_dim=TIME, consolidated=False)
         group = zarr.open_group(staging, mode="r+")
         group.attrs.put(_store_attrs(entry))
@@ -256,6 +257,21 @@ def _write_version(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final, entry
+
+
+def _append_chunks(data: xr.Dataset, stored_count: int, time_chunk: int) -> dict[str, tuple[int, ...] | int]:
+    """Return dask chunks for appending `data` after `stored_count` steps of a store chunked `time_chunk` along time.
+
+    When the store's last chunk holds fewer than `time_chunk` steps, the first dask chunk
+    fills it up, so every later dask chunk maps onto exactly one Zarr chunk. Only that
+    last chunk is rewritten. Zarr rejects dask chunks that span two Zarr chunks.
+    """
+    count = data.sizes[TIME]
+    first = min(count, (-stored_count) % time_chunk) or min(count, time_chunk)
+    sizes = [first]
+    while sum(sizes) < count:
+        sizes.append(min(time_chunk, count - sum(sizes)))
+    return {dim: (tuple(sizes) if dim == TIME else -1) for dim in data.dims}
 
 
 def _remove_leftovers(catalog: Catalog, name: str, keep: Path) -> None:

@@ -78,13 +78,13 @@ def comparison_table(evaluations: Sequence[Evaluation], metric: str = "rmse") ->
     """Set one metric of several evaluations side by side.
 
     Returns a DataFrame with columns ``task``, ``variable``, ``lead_or_gap``, one column
-    per run label (the model's score) and one per baseline, in task, variable and label
-    order. A run without a row or metric has NaN there. Raises ValueError when no run has
-    the metric.
+    per run label (the model's score) and one per baseline, sorted by task, variable (in
+    first-seen order) and lead, gap or factor. A run without a row or metric has NaN
+    there. Raises ValueError when no run has the metric.
     """
     labels = _unique_labels(evaluations)
     records: dict[tuple[str, str, str], dict] = {}
-    order: list[tuple[str, str, str]] = []
+    differing: dict[str, list[str]] = {}
     found = False
     for label, evaluation in zip(labels, evaluations, strict=True):
         for task, dim in SCORE_DIMS.items():
@@ -96,24 +96,39 @@ def comparison_table(evaluations: Sequence[Evaluation], metric: str = "rmse") ->
             for variable in data["variable"].values:
                 for value in data[dim].values:
                     row_key = (task, str(variable), score_label(task, int(value)))
-                    if row_key not in records:
-                        records[row_key] = {"task": task, "variable": row_key[1], "lead_or_gap": row_key[2]}
-                        order.append(row_key)
-                    record = records[row_key]
+                    record = records.setdefault(
+                        row_key, {"task": task, "variable": row_key[1], "lead_or_gap": row_key[2], "_order": int(value)}
+                    )
                     point = data.sel(variable=variable, **{dim: value})
                     record[label] = float(point.sel(predictor="model"))
-                    _add_baselines(record, point, task, label)
+                    if _add_baselines(record, point, task):
+                        differing.setdefault(label, []).append(" ".join(row_key))
     if not found:
         available = sorted({name for evaluation in evaluations for name in evaluation.scores.data_vars})
         raise ValueError(f"no run has scores of metric {metric!r}; the scores hold {available}")
+    for label, rows in differing.items():
+        logger.warning(
+            "the baselines of run %s differ from those of the first run in these rows: %s. The runs were "
+            "evaluated on different windows, data or settings, and the table shows the first run's baselines",
+            label, ", ".join(rows),
+        )
 
-    table = pd.DataFrame([records[key] for key in order])
+    table = pd.DataFrame(list(records.values()))
+    task_order = {task: index for index, task in enumerate(SCORE_DIMS)}
+    variable_order = {variable: index for index, variable in enumerate(dict.fromkeys(table["variable"]))}
+    table = table.sort_values(
+        ["task", "variable", "_order"],
+        key=lambda column: column.map(task_order) if column.name == "task"
+        else column.map(variable_order) if column.name == "variable" else column,
+        kind="stable",
+    ).reset_index(drop=True)
     baseline_columns = [name for task in SCORE_DIMS for name in BASELINES[task] if name in table.columns]
     return table[["task", "variable", "lead_or_gap", *labels, *baseline_columns]]
 
 
-def _add_baselines(record: dict, point: xr.DataArray, task: str, label: str) -> None:
-    """Fill the row's baseline columns from the first run that has them; warn when a later run differs."""
+def _add_baselines(record: dict, point: xr.DataArray, task: str) -> bool:
+    """Fill the row's baseline columns from the first run that has them; return True when this run's differ."""
+    differs = False
     for baseline in BASELINES[task]:
         if baseline not in point["predictor"].values:
             continue
@@ -122,11 +137,8 @@ def _add_baselines(record: dict, point: xr.DataArray, task: str, label: str) -> 
         if previous is None or not np.isfinite(previous):
             record[baseline] = value
         elif np.isfinite(value) and abs(value - previous) > BASELINE_TOLERANCE * max(abs(previous), 1.0):
-            logger.warning(
-                "%s baseline of %s %s %s differs in run %s (%.4g, first run %.4g): the runs were evaluated "
-                "on different data or settings", baseline, record["task"], record["variable"],
-                record["lead_or_gap"], label, value, previous,
-            )
+            differs = True
+    return differs
 
 
 def format_comparison(table: pd.DataFrame, metric: str) -> str:

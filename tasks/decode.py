@@ -484,6 +484,11 @@ def _global_moments_all_valid(block: np.ndarray, in_train: np.ndarray) -> dict[i
 _WORKER_PRELOAD = ["distributed", "tasks.decode"]
 
 
+# Loggers quietened while a local cluster runs. distributed's default config sets levels for
+# `distributed` and `distributed.client` only; the others inherit unless a user config sets them.
+_DISTRIBUTED_LOGGERS = ("distributed", "distributed.client", "distributed.scheduler", "distributed.nanny")
+
+
 def _start_method() -> str:
     return "forkserver" if sys.platform.startswith("linux") else "spawn"
 
@@ -529,7 +534,11 @@ def dask_client(scheduler_address: str | None, workers: int | None = None) -> It
             client.close()
         return
 
-    workers = workers or os.cpu_count() or 1
+    with _quiet_distributed():
+        yield from _local_client(workers or os.cpu_count() or 1)
+
+
+def _local_client(workers: int) -> Iterator[Client]:
     environment = dict(os.environ)
     started = time.perf_counter()
     prepare_local_workers()
@@ -562,7 +571,33 @@ def dask_client(scheduler_address: str | None, workers: int | None = None) -> It
             )
             yield client
         finally:
+            with contextlib.suppress(Exception):
+                # Workers lose their scheduler connection while the cluster closes, and log it.
+                client.run(_quiet_worker_shutdown)
             client.close()
+
+
+@contextlib.contextmanager
+def _quiet_distributed() -> Iterator[None]:
+    """Keep distributed's loggers of this process at WARNING for the block, then restore their levels.
+
+    distributed logs each start and stop of a scheduler, nanny and connection at INFO, dozens
+    of lines per local cluster that say nothing about the ingest.
+    """
+    loggers = [logging.getLogger(name) for name in _DISTRIBUTED_LOGGERS]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(max(logging.WARNING, each.level))
+    try:
+        yield
+    finally:
+        for each, level in zip(loggers, levels):
+            each.setLevel(level)
+
+
+def _quiet_worker_shutdown() -> None:
+    """Log only critical records in this worker from now on: what follows is the cluster closing."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
 
 
 def _exit_with_parent() -> None:

@@ -70,6 +70,19 @@ def apply_longitude_convention(
     return dataset.assign_coords({LONGITUDE: (LONGITUDE, wrapped, dataset[LONGITUDE].attrs)})
 
 
+def contiguous_longitude_steps(longitude: np.ndarray) -> np.ndarray:
+    """Return the steps in degrees between neighbouring longitudes, taken in order around the circle.
+
+    The order starts east of the widest gap, so a region across the 0° or 180° meridian
+    stored as 0, 0.25, ..., 2, 350, ..., 359.75 gives steps of 0.25 only. Returns
+    `longitude.size - 1` steps.
+    """
+    ordered = np.sort(np.mod(longitude.astype(np.float64), 360.0))
+    gaps = np.diff(np.append(ordered, ordered[0] + 360.0))
+    start = (int(np.argmax(gaps)) + 1) % ordered.size
+    return np.mod(np.diff(np.roll(ordered, -start)), 360.0)
+
+
 def crop_area(dataset: xr.Dataset, area: Sequence[float], where: str = "the dataset") -> xr.Dataset:
     """Keep the grid points inside `area = (north, west, south, east)` in degrees, bounds included.
 

@@ -30,10 +30,11 @@ import logging
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -359,9 +360,36 @@ def ingest_era5(
         normalised.attrs = _store_attrs(entry)
         workers = None
         if plan is not None:
-            workers = (decode.PassContext(plan=plan, mode="write", statistics=statistics), starting.result())
+            runner = _local_runner(starting) if scheduler_address is None else starting.result()
+            workers = (decode.PassContext(plan=plan, mode="write", statistics=statistics), runner)
         published = _write_and_publish(normalised, statistics_dataset(statistics), journal, catalog, target, workers)
     return IngestResult(entry=published, reused=False, zarr_path=target)
+
+
+def _local_runner(starting: Future) -> Client | int:
+    """Return the client of the local cluster, or a number of threads of this process when it failed to start.
+
+    The usual cause of a failed start is a script that calls `ingest_era5` at top level:
+    each worker process imports the calling script, so it runs the ingest again and fails.
+    """
+    try:
+        return starting.result()
+    except (RuntimeError, OSError, TimeoutError) as error:
+        threads = os.cpu_count() or 1
+        main = sys.modules.get("__main__")
+        script = getattr(main, "__file__", None) if getattr(main, "__spec__", None) is None else None
+        hint = (
+            f" Worker processes import the calling script {script}, so a script that calls ingest_era5 at top "
+            'level must put the call under `if __name__ == "__main__":`.'
+            if script is not None
+            else ""
+        )
+        logger.warning(
+            "the local dask cluster failed to start (%s: %s), so the store is written on %d thread(s) of this "
+            "process instead.%s",
+            type(error).__name__, error, threads, hint,
+        )
+        return threads
 
 
 def _all_grib(paths: Sequence[Path | xr.Dataset]) -> bool:
@@ -709,11 +737,20 @@ def validate_combined(dataset: xr.Dataset, paths: Sequence[Path | str]) -> None:
         coordinate = dataset[dim].values
         if coordinate.size > 1:
             steps = np.diff(coordinate)
-            if not np.allclose(steps, steps[0], rtol=_GRID_STEP_RTOL, atol=0.0):
+            if dim == LONGITUDE and not _evenly_spaced(steps):
+                # A regional grid in 0..360 that crosses 0° is sorted as 0, 0.25, ..., 350, ...:
+                # it is regular once rolled to start west of 0°, as `regrid` does later.
+                contiguous = grid.contiguous_longitude_steps(coordinate)
+                steps = contiguous if _evenly_spaced(contiguous) else steps
+            if not _evenly_spaced(steps):
                 raise InvalidSourceError(
                     f"{dim} of {where} is not evenly spaced (steps from {steps.min()} to {steps.max()} "
                     "degrees), but ingest expects a regular latitude-longitude grid"
                 )
+
+
+def _evenly_spaced(steps: np.ndarray) -> bool:
+    return bool(np.allclose(steps, steps[0], rtol=_GRID_STEP_RTOL, atol=0.0))
 
 
 def check_time_gaps(
@@ -1143,7 +1180,7 @@ def _write_and_publish(
     journal: writer.IngestJournal,
     catalog: Catalog,
     target: Path,
-    workers: tuple[decode.PassContext, Client] | None = None,
+    workers: tuple[decode.PassContext, Client | int] | None = None,
 ) -> DatasetEntry:
     """Write the store into its temporary folder, swap it into place, then publish and return the entry.
 
@@ -1208,7 +1245,7 @@ def _write_zarr(
     path: Path,
     journal: writer.IngestJournal,
     target: Path,
-    workers: tuple[decode.PassContext, Client] | None = None,
+    workers: tuple[decode.PassContext, Client | int] | None = None,
 ) -> None:
     """Write Zarr format 3 in chunks of `time_chunk` steps by the whole grid, one time region at a time.
 
@@ -1266,20 +1303,26 @@ def _resolve_sources(sources: Sequence[str | Path | xr.Dataset]) -> list[Path | 
     if not sources:
         raise ValueError("sources is empty. Pass at least one GRIB or NetCDF file or opened dataset.")
 
-    resolved: list[Path | xr.Dataset] = []
-    labels: list[Path | str] = []
+    # Files keep the absolute path the caller gave, not the one with symlinks resolved, so
+    # messages and provenance records name a path the user knows. Duplicates are found
+    # through the resolved path.
+    absolute: list[Path | xr.Dataset] = []
+    seen: dict[Path | str, Path | str] = {}
     for source in sources:
         if isinstance(source, xr.Dataset):
             label: Path | str = _dataset_record(source).path
+            key: Path | str = label
         else:
-            label = source = Path(source).expanduser().resolve()
+            label = source = Path(os.path.abspath(Path(source).expanduser()))
             if not source.is_file():
                 raise FileNotFoundError(f"source file {source} not found")
-        if label in labels:
-            raise ValueError(f"source {label} is listed twice")
-        resolved.append(source)
-        labels.append(label)
-    return resolved
+            key = source.resolve()
+        if key in seen:
+            same = "" if seen[key] == label else f" (as {seen[key]} and as {label})"
+            raise ValueError(f"source {label} is listed twice{same}")
+        absolute.append(source)
+        seen[key] = label
+    return absolute
 
 
 def _describe_source(source: Path | xr.Dataset) -> SourceFile:

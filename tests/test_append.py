@@ -156,3 +156,31 @@ def test_params_append_flag():
 
     assert IngestEra5Params().append is False
     assert IngestEra5Params(append=True).append is True
+
+
+def test_append_unaligned_chunk_boundary(uk_t2m_grib, tmp_path):
+    """An append after 490 steps (20 full chunks of 24 and a last chunk of 10) equals one ingest of the file."""
+    split = 490
+    first = write_grib_messages(uk_t2m_grib, tmp_path / "uk-a.grib", range(0, split))
+    rest = write_grib_messages(uk_t2m_grib, tmp_path / "uk-b.grib", range(split, 744))
+    catalog = Catalog(tmp_path / "appended")
+    initial = ingest_era5([first], NAME, TRAIN, TEST, catalog=catalog)
+    chunks_before = _chunk_files(initial.zarr_path)
+    partial = max(chunks_before, key=lambda key: int(key.split("/")[2]))
+
+    appended = append_era5([rest], NAME, catalog=catalog)
+    whole = ingest_era5([uk_t2m_grib], NAME, TRAIN, TEST, catalog=Catalog(tmp_path / "whole"))
+
+    assert appended.entry.time_count == 744
+    assert appended.entry.statistics == whole.entry.statistics
+    chunks_after = _chunk_files(appended.zarr_path)
+    assert len(chunks_after) == 31
+    for key, identity in chunks_before.items():
+        if key != partial:
+            assert chunks_after[key] == identity, f"full chunk {key} was rewritten"
+    assert chunks_after[partial][0] != chunks_before[partial][0], "the partial last chunk was not rewritten"
+
+    store = catalog.open_dataset(NAME)
+    with xr.open_zarr(whole.zarr_path, consolidated=False) as reference:
+        for name in reference.variables:
+            np.testing.assert_array_equal(store[name].values, reference[name].values, err_msg=name)

@@ -22,7 +22,7 @@ from flows.evaluate import evaluate_and_report
 from flows.params import EvaluateParams
 from models.atmorep import AtmoRep
 from models.config import RunConfig
-from tasks.compare import comparison_table, load_evaluation
+from tasks.compare import Evaluation, comparison_table, load_evaluation
 from tasks.reporting import open_scores
 from tasks.tracking import client
 
@@ -172,3 +172,25 @@ def test_scores_nc_opens_with_xarray(evaluation_runs, tracking_home, tmp_path):
     with xr.open_dataset(path, engine="h5netcdf") as stored:
         assert stored["units"].values.tolist() == ["K"]
         assert stored.attrs["climatology_kind"] == "hour"
+
+
+def test_compare_orders_rows_and_flags_baselines(evaluation_runs, tracking_home, caplog):
+    _, results, _ = evaluation_runs
+    first, second = (load_evaluation(result["run_id"]) for result in results)
+    # The first run lacks lead 6 h, and the second run's persistence differs at lead 2 h.
+    first = Evaluation(first.run_id, first.label, first.scores.sel(lead_time=[1, 2, 3, 4, 5]))
+    changed = second.scores.copy(deep=True)
+    changed["forecast_rmse"].loc[{"predictor": "persistence", "lead_time": 2}] += 0.5
+    second = Evaluation(second.run_id, second.label, changed)
+
+    with caplog.at_level("WARNING", logger="tasks.compare"):
+        table = comparison_table([first, second], "rmse")
+
+    forecast = table[table.task == "forecast"]
+    assert forecast.lead_or_gap.tolist() == [f"lead_{lead}h" for lead in range(1, 7)]
+    assert np.isnan(forecast[first.label].iloc[5])
+    assert forecast["persistence"].iloc[1] == pytest.approx(
+        float(first.scores["forecast_rmse"].sel(predictor="persistence", lead_time=2, variable="t2m"))
+    )
+    assert table.task.tolist()[-1] == "downscaling"
+    assert "differ from those of the first run in these rows: forecast t2m lead_2h." in caplog.text

@@ -359,6 +359,29 @@ def test_same_file_twice_rejected(pl_files, tmp_path):
         ingest_era5([pl_files[2], pl_files[2]], "twice", PL_TRAIN, PL_TEST, catalog=Catalog(tmp_path))
 
 
+def test_same_file_through_symlink_rejected(pl_files, tmp_path):
+    link = tmp_path / "link.grib"
+    link.symlink_to(pl_files[2])
+
+    with pytest.raises(ValueError, match="listed twice") as raised:
+        ingest_era5([pl_files[2], link], "twice", PL_TRAIN, PL_TEST, catalog=Catalog(tmp_path / "home"))
+
+    assert str(link) in str(raised.value)
+
+
+def test_symlinked_source_path_kept(data_mirror, tmp_path):
+    corrupted = data_mirror / "era5" / "unusual" / "era5-levels-corrupted.grib"
+    link = tmp_path / "mirror" / "corrupted.grib"
+    link.parent.mkdir()
+    link.symlink_to(corrupted)
+
+    with pytest.raises(InvalidSourceError, match="WrongLengthError") as raised:
+        ingest_era5([link], "corrupted", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path / "home"))
+
+    assert str(link) in str(raised.value)
+    assert str(corrupted.resolve()) not in str(raised.value)
+
+
 # --- periods ------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from era5_direct import assert_nothing_written, write_grib_messages
 from tasks import decode
 from tasks.ingest import InvalidSourceError, canonicalise, ingest_era5, open_sources
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 UK_TRAIN = ("2019-03-01T00:00:00", "2019-03-24T23:00:00")
 UK_TEST = ("2019-03-25T00:00:00", "2019-03-31T23:00:00")
 
@@ -215,3 +217,64 @@ def test_local_and_external_cluster_identical(uk_t2m_grib, tmp_path, caplog, mon
 
     assert local.entry.content_digest == external.entry.content_digest
     assert_same_store(local.zarr_path, external.zarr_path)
+
+
+NO_GUARD_SCRIPT = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING)
+from data_catalog import Catalog
+from tasks.ingest import ingest_era5
+result = ingest_era5([sys.argv[1]], "uk", {train!r}, {test!r}, catalog=Catalog(sys.argv[2]), grib_decoder="eccodes")
+print("time steps:", result.entry.time_count)
+"""
+
+
+def test_script_without_main_guard(uk_t2m_grib, tmp_path):
+    """A script calling ingest_era5 at top level, which every worker re-runs on import, still ingests."""
+    script = tmp_path / "ingest_no_guard.py"
+    script.write_text(NO_GUARD_SCRIPT.format(train=UK_TRAIN, test=UK_TEST), encoding="utf-8")
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+    finished = subprocess.run(
+        [sys.executable, str(script), str(uk_t2m_grib), str(tmp_path / "home")],
+        capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path,
+    )
+
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "time steps: 744" in finished.stdout
+    assert "the local dask cluster failed to start" in finished.stderr
+    assert 'if __name__ == "__main__":' in finished.stderr
+    assert str(script) in finished.stderr
+    reference = ingest_era5([uk_t2m_grib], "uk", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path / "cfgrib"), grib_decoder="cfgrib")
+    assert_same_store(tmp_path / "home" / "data" / "uk.zarr", reference.zarr_path)
+
+
+class _RecordList(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_local_cluster_logs_quietly(uk_t2m_grib, tmp_path, caplog):
+    # distributed's loggers do not propagate to the root logger, so they get a handler of their own.
+    captured = _RecordList()
+    watched = [logging.getLogger(name) for name in ("distributed", "distributed.client", "tornado")]
+    levels = [each.level for each in watched]
+    for each in watched:
+        each.addHandler(captured)
+    try:
+        with caplog.at_level(logging.INFO):
+            ingest_era5([uk_t2m_grib], "uk", UK_TRAIN, UK_TEST, catalog=Catalog(tmp_path), grib_decoder="eccodes")
+    finally:
+        for each in watched:
+            each.removeHandler(captured)
+
+    records = captured.records + caplog.records
+    assert "started a local dask cluster" in caplog.text
+    assert [record.getMessage() for record in records if record.name.startswith("distributed")] == []
+    assert [record.getMessage() for record in records if record.levelno >= logging.ERROR] == []
+    assert [record.getMessage() for record in records if record.exc_info] == []
+    assert [each.level for each in watched] == levels

@@ -635,6 +635,27 @@ def test_zarr_ingest_end_to_end(zarr_http, uk_file_ingest, tmp_path):
     )
 
 
+def test_zarr_0_360_region_across_0_without_area(zarr_http, uk_file_ingest, tmp_path):
+    """A WeatherBench 2 store in 0..360 whose region crosses 0° ingests into -180..180 without `area`."""
+    source = f"zarr:{zarr_http[0]}/wb2-uk.zarr?variables=2m_temperature"
+    catalog = Catalog(tmp_path)
+    time_range = (UK_TRAIN[0], UK_TEST[1])
+
+    result = ingest_era5(resolve_sources([source], time_range), "uk-wb2", UK_TRAIN, UK_TEST, catalog=catalog)
+
+    assert_same_dataset(result, uk_file_ingest)
+    file_catalog = Catalog(uk_file_ingest.zarr_path.parents[1])
+    stored = catalog.open_dataset("uk-wb2")
+    reference = file_catalog.open_dataset("uk-file")
+    np.testing.assert_array_equal(stored["longitude"].values, reference["longitude"].values)
+    np.testing.assert_array_equal(stored["t2m"].values, reference["t2m"].values)
+    with pytest.raises(ValueError, match="seam of the longitude convention 0..360"):
+        ingest_era5(
+            resolve_sources([source], time_range), "uk-wb2-360", UK_TRAIN, UK_TEST, catalog=catalog,
+            longitude_convention="0..360",
+        )
+
+
 # --- opened datasets in ingest ------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Training survives an MLflow server outage and loses no metric.
 
 A real `mlflow server` (sqlite store) runs on 127.0.0.1. A single-process training run of
-`models.train` on real ERA5 t2m logs every step to it. The test stops the server while
+`models.train` on real ERA5 t2m logs every step to it. The test kills the server while
 training runs, lets training take several steps with the server down, pauses the trainer
 (SIGSTOP) while the server restarts on the same port, then lets training finish and checks
 that the server holds `train/loss` for every step exactly once, equal to `losses.jsonl`.
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
-MAX_STEPS = 40
+MAX_STEPS = 60
 STEPS_WHILE_DOWN = 5
 
 
@@ -61,10 +61,10 @@ def start_server(folder: Path, port: int) -> subprocess.Popen:
     raise AssertionError(f"mlflow server on port {port} not healthy within 120 s")
 
 
-def stop_server(server: subprocess.Popen) -> None:
+def stop_server(server: subprocess.Popen, stop_signal: int = signal.SIGTERM) -> None:
     if server.poll() is not None:
         return
-    os.killpg(server.pid, signal.SIGTERM)
+    os.killpg(server.pid, stop_signal)
     try:
         server.wait(timeout=20)
     except subprocess.TimeoutExpired:
@@ -113,9 +113,12 @@ def test_training_survives_mlflow_outage(uk_zarr, tmp_path):  # noqa: F811
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
-        # Stop the server once training has logged a few steps through it.
+        # Kill the server once training has logged a few steps through it. Training is
+        # paused meanwhile, so that it cannot finish before the outage begins.
         wait_until(lambda: count_losses(output_dir) >= 3, trainer, "the first steps")
-        stop_server(server)
+        os.killpg(trainer.pid, signal.SIGSTOP)
+        stop_server(server, signal.SIGKILL)
+        os.killpg(trainer.pid, signal.SIGCONT)
         down_at = count_losses(output_dir)
         wait_until(lambda: count_losses(output_dir) >= down_at + STEPS_WHILE_DOWN, trainer, "steps with the server down")
         buffered = read_buffer(output_dir / BUFFER_NAME)
@@ -143,22 +146,22 @@ def test_training_survives_mlflow_outage(uk_zarr, tmp_path):  # noqa: F811
 
 
 def test_buffer_survives_tracker_restart(tmp_path):
-    """A buffer left by a tracker that never reached the server is sent by the next sync."""
-    dead_uri = "http://127.0.0.1:1"
+    """A buffer left by a tracker that never reached the server is sent to its run by the next sync."""
+    store = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = store.create_run(store.create_experiment("sync")).info.run_id
     buffer_path = tmp_path / BUFFER_NAME
-    tracker = MlflowTracker("0123456789abcdef0123456789abcdef", tracking_uri=dead_uri, buffer_path=buffer_path)
+    tracker = MlflowTracker(run_id, tracking_uri="http://127.0.0.1:1", buffer_path=buffer_path)
     tracker.log_metrics({"train/loss": 1.5, "train/lr": 0.1}, step=1)
     tracker.log_metrics({"train/loss": 1.25}, step=2)
     tracker.close()
 
     records = read_buffer(buffer_path)
-    assert [(record["key"], record["step"]) for record in records] == [
-        ("train/loss", 1), ("train/lr", 1), ("train/loss", 2),
+    assert [(record["run_id"], record["key"], record["step"]) for record in records] == [
+        (run_id, "train/loss", 1), (run_id, "train/lr", 1), (run_id, "train/loss", 2),
     ]
 
-    store = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = store.create_run(store.create_experiment("sync")).info.run_id
-    assert sync_buffer(store, run_id, buffer_path) == 3
+    # The records name their run, so the default run id of the sync is not used.
+    assert sync_buffer(store, "f" * 32, buffer_path) == 3
     assert sync_buffer(store, run_id, buffer_path) == 0
     history = store.get_metric_history(run_id, "train/loss")
     assert [(metric.step, metric.value) for metric in history] == [(1, 1.5), (2, 1.25)]
