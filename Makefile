@@ -77,5 +77,5 @@ clean:
 	rm -rf $(ATMOREP_HOME)
 
 bench: venv
-	ATMOREP_DATA_MIRROR=$${ATMOREP_DATA_MIRROR:-$(CURDIR)/../shared/data} $(BIN)/python tests/benchmarks/bench_ingest.py
+	ATMOREP_DATA_MIRROR=$${ATMOREP_DATA_MIRROR:-$(CURDIR)/../shared/data} $(BIN)/python tests/benchmarks/bench_ingest.py --update-page
 	ATMOREP_DATA_MIRROR=$${ATMOREP_DATA_MIRROR:-$(CURDIR)/../shared/data} $(BIN)/python tests/benchmarks/bench_train.py

@@ -54,6 +54,7 @@ from tasks.ingest import (
     _source_label,
     _store_attrs,
     finish_store,
+    format_step,
     open_sources,
     regrid,
     select_variables,
@@ -173,7 +174,7 @@ def _check_continuation(
         listing = _describe_gaps(gaps, step)
         if on_time_gaps == "error":
             raise InvalidSourceError(
-                f"{where} does not continue dataset {entry.name!r} at its step {pd.Timedelta(step)}: {listing}. "
+                f"{where} does not continue dataset {entry.name!r} at its step {format_step(step)}: {listing}. "
                 "Add the missing time steps; the dataset was ingested with on_time_gaps='error'."
             )
         logger.warning("appending %s to dataset %s keeps %d gap(s): %s", where, entry.name, len(gaps), listing)
@@ -262,7 +263,7 @@ def _write_version(
 def _append_chunks(data: xr.Dataset, stored_count: int, time_chunk: int) -> dict[str, tuple[int, ...] | int]:
     """Return dask chunks for appending `data` after `stored_count` steps of a store chunked `time_chunk` along time.
 
-    When the store's last chunk holds fewer than `time_chunk` steps, the first dask chunk
+    When the store's last chunk contains fewer than `time_chunk` steps, the first dask chunk
     fills it up, so every later dask chunk maps onto exactly one Zarr chunk. Only that
     last chunk is rewritten. Zarr rejects dask chunks that span two Zarr chunks.
     """

@@ -581,8 +581,8 @@ def _local_client(workers: int) -> Iterator[Client]:
 def _quiet_distributed() -> Iterator[None]:
     """Keep distributed's loggers of this process at WARNING for the block, then restore their levels.
 
-    distributed logs each start and stop of a scheduler, nanny and connection at INFO, dozens
-    of lines per local cluster that say nothing about the ingest.
+    distributed logs each start and stop of a scheduler, nanny and connection at INFO, which
+    adds dozens of lines per local cluster to the ingest's log.
     """
     loggers = [logging.getLogger(name) for name in _DISTRIBUTED_LOGGERS]
     levels = [each.level for each in loggers]

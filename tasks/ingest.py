@@ -14,8 +14,9 @@ Steps of `ingest_era5`:
    place. A variable with missing values keeps them as NaN and gets a boolean
    `<var>_mask` variable. The temporary folder and a journal of finished chunks are named
    by the digest, so a run killed half way resumes where it stopped (`tasks.writer`).
-   GRIB files that `tasks.decode` supports are indexed from their message headers
-   without cfgrib, then decoded and written on a dask cluster.
+   With `grib_decoder="eccodes"`, or "auto" for GRIB inputs of at least
+   FAST_PATH_MIN_BYTES, GRIB files that `tasks.decode` supports are indexed from their
+   message headers without cfgrib, then decoded and written on a dask cluster.
 6. Publish the catalog entry last, so an entry always points at a complete store.
 
 `tasks.append.append_era5` adds later time steps to a published dataset.
@@ -250,6 +251,10 @@ def ingest_era5(
     one worker process per core, started once per ingest, or the existing cluster at
     `scheduler_address` (tcp://HOST:PORT). While a local cluster starts, the statistics
     pass decodes on threads of this process. Neither option is part of the digest.
+    The local cluster's worker processes import the calling script, so a script must call
+    `ingest_era5` under `if __name__ == "__main__":`. Without that guard the workers fail
+    to start, and the store is written on threads of this process with a warning that
+    names the script.
 
     The call holds the lock of `name` in the catalog's workspace (`data_catalog.locks`), so a
     second ingest or append of the same name at the same time raises DatasetLockedError
@@ -776,7 +781,7 @@ def check_time_gaps(
     listing = _describe_gaps(gaps, step)
     if on_time_gaps == "error":
         raise InvalidSourceError(
-            f"time axis of {where} is not regular: the step is {pd.Timedelta(step)}, but {len(gaps)} interval(s) "
+            f"time axis of {where} is not regular: the step is {format_step(step)}, but {len(gaps)} interval(s) "
             f"differ: {listing}. Add the missing time steps, or pass on_time_gaps='keep' (`--on-time-gaps keep`) to keep the true times "
             "(training windows then skip the gaps)."
         )
@@ -784,6 +789,16 @@ def check_time_gaps(
         "time axis of %s has %d gap(s) or irregular step(s), kept with their true times: %s", where, len(gaps), listing
     )
     return step, gaps
+
+
+def format_step(step: np.timedelta64) -> str:
+    """Format a time step in its largest whole unit: "1 h", "2 days", "30 min", "90 s"."""
+    seconds = pd.Timedelta(step).total_seconds()
+    for unit, singular, plural in ((86400, "day", "days"), (3600, "h", "h"), (60, "min", "min"), (1, "s", "s")):
+        if seconds % unit == 0 and seconds >= unit:
+            count = int(seconds // unit)
+            return f"{count} {singular if count == 1 else plural}"
+    return f"{seconds:g} s"
 
 
 def _describe_gaps(gaps: Sequence[tuple[np.datetime64, np.datetime64]], step: np.timedelta64) -> str:
@@ -948,18 +963,29 @@ def validate_periods(
     for label, (start, end) in periods:
         start64, end64 = np.datetime64(start, "ns"), np.datetime64(end, "ns")
         if start64 < first or end64 > last:
-            raise InvalidPeriodError(
-                f"{label} {_iso_period((start, end))} is outside the data, which covers "
-                f"{_iso(first)} .. {_iso(last)}"
-            )
+            raise InvalidPeriodError(f"{label} {_iso_period((start, end))} is outside the data: {_describe_times(times)}")
         if not np.any((times >= start64) & (times <= end64)):
-            raise InvalidPeriodError(f"{label} {_iso_period((start, end))} contains no time step of the data")
+            raise InvalidPeriodError(
+                f"{label} {_iso_period((start, end))} contains no time step of the data: {_describe_times(times)}"
+            )
 
     if test is not None and train[0] <= test[1] and test[0] <= train[1]:
         raise InvalidPeriodError(
             f"train_period {_iso_period(train)} overlaps test_period {_iso_period(test)}. "
             "Choose disjoint periods, so the test period does not inform the normalisation statistics."
         )
+
+
+def _describe_times(times: np.ndarray) -> str:
+    """Describe the valid times of the data for a period error, listing them when there are few."""
+    if times.size == 1:
+        return (
+            f"it has a single valid time, {_iso(times[0])}. Use it as both start and end of train_period, "
+            "with no test period (`--test-period none none`)"
+        )
+    if times.size <= 4:
+        return f"its valid times are {', '.join(_iso(time) for time in times)}"
+    return f"it covers {_iso(times[0])} .. {_iso(times[-1])} ({times.size} time steps)"
 
 
 def regrid(
@@ -1304,7 +1330,7 @@ def _resolve_sources(sources: Sequence[str | Path | xr.Dataset]) -> list[Path | 
         raise ValueError("sources is empty. Pass at least one GRIB or NetCDF file or opened dataset.")
 
     # Files keep the absolute path the caller gave, not the one with symlinks resolved, so
-    # messages and provenance records name a path the user knows. Duplicates are found
+    # messages and provenance records name the path the user typed. Duplicates are found
     # through the resolved path.
     absolute: list[Path | xr.Dataset] = []
     seen: dict[Path | str, Path | str] = {}

@@ -404,6 +404,34 @@ def test_invalid_periods(pl_files, tmp_path, train, test, match):
     assert_nothing_written(tmp_path, "periods")
 
 
+def test_period_error_names_single_time(data_mirror, tmp_path):
+    path = data_mirror / "era5" / "era5_t2m_monthly_2022-10_0p25.grib"
+
+    with pytest.raises(InvalidPeriodError, match="outside the data") as raised:
+        ingest_era5([path], "monthly", ("2022-10-01", "2022-10-31"), None, catalog=Catalog(tmp_path))
+
+    assert "single valid time, 2022-10-01T00:00:00" in str(raised.value)
+    assert "--test-period none none" in str(raised.value)
+    assert_nothing_written(tmp_path, "monthly")
+
+
+@pytest.mark.parametrize(
+    ("step", "text"),
+    [
+        (np.timedelta64(1, "h"), "1 h"),
+        (np.timedelta64(6, "h"), "6 h"),
+        (np.timedelta64(1, "D"), "1 day"),
+        (np.timedelta64(2, "D"), "2 days"),
+        (np.timedelta64(30, "m"), "30 min"),
+        (np.timedelta64(90, "s"), "90 s"),
+    ],
+)
+def test_format_step(step, text):
+    from tasks.ingest import format_step
+
+    assert format_step(step) == text
+
+
 def test_test_period_none(data_mirror, tmp_path):
     catalog = Catalog(tmp_path)
     path = data_mirror / "era5" / "era5_t2m_monthly_2022-10_0p25.grib"
