@@ -78,4 +78,4 @@ clean:
 
 bench: venv
 	ATMOREP_DATA_MIRROR=$${ATMOREP_DATA_MIRROR:-$(CURDIR)/../shared/data} $(BIN)/python tests/benchmarks/bench_ingest.py --update-page
-	ATMOREP_DATA_MIRROR=$${ATMOREP_DATA_MIRROR:-$(CURDIR)/../shared/data} $(BIN)/python tests/benchmarks/bench_train.py
+	ATMOREP_DATA_MIRROR=$${ATMOREP_DATA_MIRROR:-$(CURDIR)/../shared/data} $(BIN)/python tests/benchmarks/bench_train.py --update-page

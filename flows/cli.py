@@ -301,12 +301,15 @@ def run_catalog_command(arguments: argparse.Namespace) -> str:
 
 
 def format_scores(title: str, rows: list[dict]) -> list[str]:
-    """Render score rows as aligned text lines: the model beside its baseline."""
+    """Render score rows as aligned text lines: the model beside its baseline.
+
+    Scores show 4 significant digits, because RMSEs range from about 1 (K) to 1e-4 (kg/kg).
+    """
     lines = ["", title, f"  {'task':<14} {'variable':<9} {'lead/gap':<10} {'model':>8}  baseline"]
     for row in rows:
         lines.append(
             f"  {row['task']:<14} {row['variable']:<9} {row['lead_or_gap']:<10} "
-            f"{row['model']:>8.3f}  {row['baseline']} {row['baseline_value']:.3f}"
+            f"{row['model']:>8.4g}  {row['baseline']} {row['baseline_value']:.4g}"
         )
     return lines
 

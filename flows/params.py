@@ -240,7 +240,9 @@ class TrainingParams(FlowParams):
 class PretrainParams(TrainingParams):
     """Parameters of `pretrain/atmorep`."""
 
-    dataset: str = Field(DEMO_DATASET, description="catalog name of the normalised dataset")
+    dataset: str | None = Field(
+        None, description="catalog name of the normalised dataset (default: the preset's train.dataset)"
+    )
     preset: str = Field("demo", description="model and training preset: a name in models/presets or a YAML path")
     register_as: str = Field("atmorep", description="registered model name in MLflow")
 

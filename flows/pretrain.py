@@ -8,6 +8,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from data_catalog import Catalog, atmorep_home
+from data_catalog.catalog import DatasetNotFoundError
+from data_catalog.schema import DatasetEntry
 from flows.common import NETWORK_RETRIES, stage_run
 from flows.params import PretrainParams, TrainingParams
 from models.config import RunConfig, load_preset
@@ -140,14 +142,69 @@ def claim_checkpoint_dir(stage: str, digest: str, run_id: str, stack: ExitStack)
     return output_dir, None
 
 
-@flow(name="pretrain", flow_run_name="atmorep-{params.dataset}")
+def check_dataset_fields(config: RunConfig, entry: DatasetEntry, preset: str) -> None:
+    """Raise ValueError unless the catalog entry has every field variable of `config` at its levels.
+
+    The check reads only the catalog entry, so a config that cannot train fails before
+    any MLflow run or checkpoint folder exists.
+    """
+    where = f"dataset {entry.name!r} (preset {preset!r})"
+    for field in config.model.fields:
+        info = entry.variables.get(field.name)
+        if info is None:
+            raise ValueError(
+                f"field variable {field.name!r} not found in {where}, which has {sorted(entry.variables)}: "
+                "pass --dataset with a dataset that contains it, or use a preset whose fields it contains"
+            )
+        if field.levels is None:
+            if info.has_levels:
+                raise ValueError(
+                    f"field {field.name!r} has levels {entry.levels} in {where}: list the levels to use "
+                    f"in model.fields[{field.name}].levels"
+                )
+            continue
+        if not info.has_levels:
+            raise ValueError(
+                f"field {field.name!r} lists levels {field.levels}, but {field.name!r} has no level "
+                f"dimension in {where}: remove the levels"
+            )
+        missing = sorted(set(field.levels) - set(entry.levels or []))
+        if missing:
+            raise ValueError(
+                f"levels {missing} of field {field.name!r} not found in {where}, which has levels {entry.levels}"
+            )
+
+
+def resolve_pretrain_config(params: PretrainParams, catalog: Catalog) -> tuple[RunConfig, DatasetEntry]:
+    """Return the run config and its catalog entry: the preset's train.dataset unless params.dataset is given.
+
+    Raises DatasetNotFoundError naming the preset for a dataset missing from the catalog,
+    and ValueError (see `check_dataset_fields`) for a dataset without the config's fields.
+    """
+    overrides = training_overrides(params)
+    if params.dataset is not None:
+        overrides["train.dataset"] = params.dataset
+    config = load_preset(params.preset, overrides)
+    try:
+        entry = catalog.get(config.train.dataset)
+    except DatasetNotFoundError as error:
+        raise DatasetNotFoundError(f"{error.args[0]} Requested by preset {params.preset!r}.") from None
+    if not isinstance(entry, DatasetEntry):
+        raise ValueError(
+            f"dataset {entry.name!r} (preset {params.preset!r}) is an image dataset: pretrain atmorep needs an "
+            "ERA5 dataset from `atmorep ingest era5`, and image datasets train with `atmorep pretrain mae`"
+        )
+    check_dataset_fields(config, entry, params.preset)
+    return config, entry
+
+
+@flow(name="pretrain", flow_run_name="atmorep-{params.preset}")
 def pretrain(params: PretrainParams = PretrainParams()) -> dict:
     """Pretrain an AtmoRep-style model on a catalog dataset and register it.
 
     Returns the MLflow run id, the registered model URI and the final training loss.
     """
-    entry = Catalog().get(params.dataset)
-    config = load_preset(params.preset, {"train.dataset": params.dataset, **training_overrides(params)})
+    config, entry = resolve_pretrain_config(params, Catalog())
     upstream = params.upstream_run_id or find_stage_run("ingest", entry.content_digest)
 
     with stage_run("pretrain", params, upstream_run_id=upstream, entry=entry) as run:

@@ -104,10 +104,19 @@ def _fields_from_version_1(model: dict[str, Any]) -> dict[str, Any]:
     levels = model.pop("levels", None) or {}
     token_shape = list(model.pop("token_shape", (2, 8, 8)))
     sample_shape = list(model.pop("sample_shape", (12, 32, 48)))
-    num_tokens = [
-        sample // token if token and sample % token == 0 else sample
-        for sample, token in zip(sample_shape, token_shape, strict=True)
-    ]
+    if len(token_shape) != 3 or len(sample_shape) != 3:
+        raise ValueError(
+            f"model.token_shape {token_shape} and model.sample_shape {sample_shape} must each have 3 sizes: "
+            "(time steps, latitude points, longitude points)"
+        )
+    num_tokens = []
+    for axis, sample, token in zip(("time", "latitude", "longitude"), sample_shape, token_shape, strict=True):
+        if token < 1 or sample % token:
+            raise ValueError(
+                f"model.sample_shape {sample_shape} is not a multiple of model.token_shape {token_shape} "
+                f"along the {axis} axis ({sample} by {token}): make every sample size a multiple of the token size"
+            )
+        num_tokens.append(sample // token)
     model["fields"] = [
         {
             "name": variable,
@@ -376,11 +385,21 @@ class RunConfig(_Schema):
     def _migrate(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        version = data.get("version", 1 if "fields" not in (data.get("model") or {}) and data.get("model") else CONFIG_VERSION)
-        if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+        model = data.get("model") or {}
+        version = data.get("version", 1 if "fields" not in model and model else CONFIG_VERSION)
+        if isinstance(version, str) and version.strip().isdigit():
+            version = int(version)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"config version {version!r} must be an integer, such as {CONFIG_VERSION}")
+        if not 1 <= version <= CONFIG_VERSION:
             raise ValueError(
                 f"config version {version!r} is not supported: this code reads versions 1 to {CONFIG_VERSION}; "
                 "update the atmorep-pipeline code or write the config for the current version"
+            )
+        if version == 1 and isinstance(model, dict) and "fields" in model:
+            raise ValueError(
+                "config version 1 has model.fields, which version 2 introduced: set version: 2, or describe the "
+                "model with the version-1 keys variables, levels, token_shape and sample_shape"
             )
         if version < CONFIG_VERSION:
             logger.warning("migrating run config from version %d to %d", version, CONFIG_VERSION)

@@ -103,6 +103,18 @@ def select_channels(
     return stacked.transpose("channel", ..., "time", "latitude", "longitude")
 
 
+def check_fields_fit_grid(config: ModelConfig, n_lat: int, n_lon: int) -> None:
+    """Raise ValueError naming the first field whose crop (token_shape x num_tokens) exceeds the grid."""
+    for field in config.fields:
+        _, height, width = field.sample_shape
+        if height > n_lat or width > n_lon:
+            raise ValueError(
+                f"grid {n_lat} x {n_lon} is smaller than the sample crop {height} x {width} of field "
+                f"{field.name!r} (token_shape {list(field.token_shape)} times num_tokens {list(field.num_tokens)}): "
+                f"reduce model.fields[{field.name}].num_tokens or token_shape"
+            )
+
+
 class WindowDataset(Dataset):
     """Samples of `sample_shape = (T, H, W)`: T consecutive hourly steps on an H x W crop.
 
@@ -149,7 +161,7 @@ class WindowDataset(Dataset):
         if n_lat < height or n_lon < width:
             raise ValueError(
                 f"grid {n_lat} x {n_lon} is smaller than the sample crop {height} x {width}: "
-                "reduce model.sample_shape"
+                "use a sample shape that fits the grid"
             )
 
         self.times = selected["time"].values.astype("datetime64[ns]")
@@ -255,6 +267,7 @@ class FieldDataset(Dataset):
         max_in_memory_bytes: int = DEFAULT_MAX_IN_MEMORY_BYTES,
     ) -> None:
         self.config = config
+        check_fields_fit_grid(config, ds.sizes["latitude"], ds.sizes["longitude"])
         self.windows = WindowDataset(
             ds,
             variables=config.field_names,

@@ -142,7 +142,7 @@ def _add_baselines(record: dict, point: xr.DataArray, task: str) -> bool:
 
 
 def format_comparison(table: pd.DataFrame, metric: str) -> str:
-    """Render a comparison table as aligned plain text, three decimals, ``n/a`` for missing scores."""
+    """Render a comparison table as aligned plain text, 4 significant digits, ``n/a`` for missing scores."""
     columns = list(table.columns)
     value_columns = columns[3:]
     widths = {
@@ -163,7 +163,7 @@ def format_comparison(table: pd.DataFrame, metric: str) -> str:
 
 def _cell(value: object) -> str:
     if isinstance(value, (float, np.floating)):
-        return "n/a" if not np.isfinite(value) else f"{value:.3f}"
+        return "n/a" if not np.isfinite(value) else f"{value:.4g}"
     return str(value)
 
 

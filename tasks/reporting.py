@@ -45,7 +45,7 @@ class EvaluationReport:
 
 
 def rmse_rows(result: EvaluationResult) -> list[dict]:
-    """Return the RMSE rows of the score table, one per baseline, rounded for display."""
+    """Return the RMSE rows of the score table, one per baseline, rounded to 4 significant digits for display."""
     table = result.table[result.table["metric"] == "rmse"]
     rows = []
     for record in table.to_dict(orient="records"):
@@ -54,17 +54,17 @@ def rmse_rows(result: EvaluationResult) -> list[dict]:
                 "task": record["task"],
                 "variable": record["variable"],
                 "lead_or_gap": record["lead_or_gap"],
-                "model": round(float(record["model"]), 4),
+                "model": float(f"{record['model']:.4g}"),
                 "baseline": record["baseline"],
-                "baseline_value": round(float(record["baseline_value"]), 4),
-                "difference": round(float(record["difference"]), 4),
+                "baseline_value": float(f"{record['baseline_value']:.4g}"),
+                "difference": float(f"{record['difference']:.4g}"),
             }
         )
     return rows
 
 
 def _format_score(value: float) -> str:
-    return "n/a" if not math.isfinite(value) else f"{value:.3f}"
+    return "n/a" if not math.isfinite(value) else f"{value:.4g}"
 
 
 def _score_table(data: xr.DataArray, task: str) -> list[str]:

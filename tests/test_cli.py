@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import build_params, build_parser, format_summary
+from flows.cli import build_params, build_parser, format_scores, format_summary
 from flows.params import IngestEra5Params, PipelineParams, PretrainParams, check_periods
 
 ATMOREP = str(Path(sys.executable).parent / "atmorep")
@@ -35,7 +35,7 @@ def test_pretrain_defaults_from_model():
     assert isinstance(params, PretrainParams)
     assert params.max_steps == 7
     assert params.nproc_per_node == 1
-    assert params.dataset == "era5-t2m-uk-2019-03"
+    assert params.dataset is None
     assert params.batch_size is None
 
 
@@ -88,8 +88,18 @@ def test_summary_lists_stages_and_baselines():
     text = format_summary(summary)
 
     assert "a" * 32 in text
-    assert "persistence 0.500" in text
+    assert "persistence 0.5" in text
     assert "make ui" in text
+
+
+def test_summary_keeps_small_rmse_digits():
+    row = {"task": "forecast", "variable": "q", "lead_or_gap": "lead_1h", "model": 0.0003127,
+           "baseline": "persistence", "baseline_value": 0.0004581}
+
+    text = "\n".join(format_scores("Zero-shot", [row]))
+
+    assert "0.0003127" in text
+    assert "persistence 0.0004581" in text
 
 
 def test_catalog_list_and_show(tmp_path, uk_t2m_grib, monkeypatch):

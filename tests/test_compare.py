@@ -133,8 +133,8 @@ def test_compare_prints_runs_side_by_side(evaluation_runs, tracking_home, tmp_pa
                               "climatology", "linear", "cubic", "bilinear", "bicubic"]
     lead_line = next(line for line in output.splitlines() if line.startswith("forecast") and "lead_2h" in line)
     for result in results:
-        assert f"{result['metrics']['forecast/rmse/t2m/lead_2h']:.3f}" in lead_line
-    assert f"{results[0]['metrics']['forecast/rmse_persistence/t2m/lead_2h']:.3f}" in lead_line
+        assert f"{result['metrics']['forecast/rmse/t2m/lead_2h']:.4g}" in lead_line
+    assert f"{results[0]['metrics']['forecast/rmse_persistence/t2m/lead_2h']:.4g}" in lead_line
 
     table = pd.read_csv(tmp_path / "comparison_rmse.csv")
     row = table[(table.task == "downscaling") & (table.lead_or_gap == "factor_2")].iloc[0]

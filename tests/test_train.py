@@ -20,8 +20,8 @@ from flows.params import PretrainParams
 from flows.pretrain import rendezvous
 from models.atmorep import AtmoRep
 from models.checkpoint import load_checkpoint, load_model
-from models.config import load_preset
-from models.data import WindowDataset, time_features
+from models.config import FieldConfig, ModelConfig, load_preset
+from models.data import FieldDataset, WindowDataset, time_features
 from models.tracking import MlflowTracker, NullTracker, tracker_from_env
 from tasks.training import torchrun_command
 
@@ -148,6 +148,13 @@ def test_windows_reject_short_period(uk_ds):
 def test_windows_reject_large_crop(uk_ds):
     with pytest.raises(ValueError, match="smaller than the sample crop"):
         WindowDataset(uk_ds, ["t2m"], TRAIN_PERIOD, (12, 40, 48))
+
+
+def test_fields_reject_large_crop(uk_ds):
+    config = ModelConfig(fields=[FieldConfig(name="t2m", token_shape=(2, 8, 8), num_tokens=(3, 8, 4))])
+
+    with pytest.raises(ValueError, match=r"field 't2m'.*reduce model.fields\[t2m\].num_tokens or token_shape"):
+        FieldDataset(uk_ds, config, TRAIN_PERIOD)
 
 
 def test_windows_multi_level_channels(data_mirror):

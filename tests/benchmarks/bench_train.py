@@ -20,8 +20,10 @@ Figures, for the demo preset and a larger configuration of the same sample shape
 - `DDP scaling`: samples/s of `models.train` under torchrun with 1 and 2 gloo processes
   of one thread each, on the demo preset.
 
-Results go to `bench-results/train.json` and to the training section of BENCHMARKS.md.
-Run with `make bench`, or `python tests/benchmarks/bench_train.py --quick` for a check.
+Results go to `bench-results/train.json` (or `--output`). The training section of
+BENCHMARKS.md is rewritten only with `--update-page`, which `make bench` passes, or by a
+full run (without `--quick`) that keeps the default `--output`. Run with `make bench`, or
+`python tests/benchmarks/bench_train.py --quick` for a check.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ TEST_PERIOD = ("2019-03-25T00:00:00", "2019-03-31T23:00:00")
 # of a step, and so the attainable MFU, higher than more blocks of the same width would.
 LARGER = {"model.embed_dim": 512, "model.depth": 5, "model.num_heads": 8}
 BENCHMARKS_PAGE = REPO_ROOT / "BENCHMARKS.md"
+DEFAULT_OUTPUT = REPO_ROOT / "bench-results" / "train.json"
 SECTION_TITLE = "## Training throughput"
 
 
@@ -415,8 +418,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter timings, for a smoke test")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench-results" / "train.json")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file of the results")
+    parser.add_argument(
+        "--update-page",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rewrite the training section of BENCHMARKS.md (default: only for a full run, without --quick, "
+        "that keeps the default --output)",
+    )
     arguments = parser.parse_args()
+    update_page = arguments.update_page
+    if update_page is None:
+        update_page = not arguments.quick and arguments.output == DEFAULT_OUTPUT
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(arguments.threads)
     device = torch.device("cpu")
@@ -465,8 +478,11 @@ def main() -> None:
         "quick": arguments.quick,
     }
     atomic_write_json(arguments.output, results)
-    update_benchmarks_page(results)
-    logger.info("wrote %s and BENCHMARKS.md", arguments.output)
+    if update_page:
+        update_benchmarks_page(results)
+        logger.info("wrote %s and BENCHMARKS.md", arguments.output)
+    else:
+        logger.info("wrote %s; BENCHMARKS.md is unchanged (pass --update-page to rewrite it)", arguments.output)
 
 
 if __name__ == "__main__":
