@@ -135,6 +135,7 @@ def test_lineage_text_tree_shows_resume(resumed_home):
 
     assert "└── pretrain run" in text
     assert f"resumed from run: {first_run_id}" in text
-    assert "packages: " in text and "torch " in text
+    assert "packages: " in text
+    assert "torch " in text
     assert "└── ingest run" in text
     assert "sha256 " in text
