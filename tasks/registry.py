@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +48,7 @@ def log_and_register_model(run_id: str, checkpoint_path: Path, registered_name: 
     mlflow_client = client()
     mlflow_client.log_artifact(run_id, str(checkpoint_path), artifact_path="checkpoint")
 
-    with _registration_lock(registered_name), mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,
             name="model",
@@ -63,26 +60,6 @@ def log_and_register_model(run_id: str, checkpoint_path: Path, registered_name: 
     version = str(info.registered_model_version)
     logger.info("Registered model %s version %s from run %s", registered_name, version, run_id)
     return version
-
-
-@contextlib.contextmanager
-def _registration_lock(registered_name: str) -> Iterator[None]:
-    """Hold an exclusive lock on `registered_name` while this process registers a version of it.
-
-    Two runs on one machine that register the same name at the same moment raced in the
-    sqlite model registry: both reported a version, but one of them was missing afterwards
-    (seen in tests/test_concurrent.py). The lock, a blocking `fcntl.flock` on
-    `$ATMOREP_HOME/locks/registry-<name>.lock`, makes them register one after the other.
-    Runs on other machines share a tracking server, whose database orders them itself.
-    """
-    path = atmorep_home() / "locks" / f"registry-{re.sub(r'[^A-Za-z0-9_.-]', '_', registered_name)}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def resolve_model(uri: str) -> ResolvedModel:
