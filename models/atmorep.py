@@ -15,7 +15,10 @@ The encoder has `depth` blocks per field. Each block applies self-attention over
 field's tokens, then cross-attention from the field's tokens to the tokens of its
 configured neighbours (taken at the input of the same block), then an MLP. The decoder
 has `decoder_depth` self-attention blocks per field. The ensemble tail maps every token
-to `ensemble_size` predictions of its grid values, one head per member.
+to `ensemble_size` predictions of its grid values, one head per member. With
+`ModelConfig.residual` these are increments added to the field's input, so a masked token
+is predicted as its fill (persistence, interpolation in time, the upsampled coarse field;
+see `models.masking`) plus a learned correction.
 
 `AtmoRep.forward` returns the ensemble members per field, `[B, E, L, T, H, W]`; the
 prediction is their mean and the uncertainty their spread (`models.losses`).
@@ -101,6 +104,7 @@ class FieldNetwork(nn.Module):
         self.field = field
         self.token_shape = tuple(field.token_shape)
         self.ensemble_size = config.ensemble_size
+        self.residual = config.residual
         n_time, n_lat, n_lon = field.num_tokens
         token_size = self.token_shape[0] * self.token_shape[1] * self.token_shape[2]
         dim = config.embed_dim
@@ -145,18 +149,23 @@ class FieldNetwork(nn.Module):
     def decode(self, tokens: Tensor, batch: int, inputs: Tensor | None = None) -> Tensor:
         """Map encoded tokens [B, N, D] to ensemble members [B, E, L, T, H, W].
 
-        With a downscaling head, its output is added and `inputs` (the field's input
-        [B, L, T, H, W]) must be given.
+        With a downscaling head, its output is added, and with `ModelConfig.residual` the
+        input itself is added to every member; both need `inputs` (the field's input
+        [B, L, T, H, W]).
         """
         encoded = tokens
         for block in self.decoder:
             tokens = block(tokens)
         values = self.heads(self.norm(tokens))  # [B, N, E * token_size]
         members = members_from_tokens(values, self.field, self.ensemble_size)
+        if (self.downscaling_head is not None or self.residual) and inputs is None:
+            raise ValueError(
+                f"field {self.field.name!r} predicts increments or has a downscaling head, so decode needs its input"
+            )
         if self.downscaling_head is not None:
-            if inputs is None:
-                raise ValueError(f"the downscaling head of field {self.field.name!r} needs the field's input")
             members = members + self.downscaling_head(encoded, inputs)
+        if self.residual:
+            members = members + inputs[:, None]
         return members
 
 
@@ -243,6 +252,9 @@ class AtmoRep(nn.Module):
         for network in self.fields.values():
             if network.downscaling_head is not None:
                 nn.init.zeros_(network.downscaling_head.out.weight)
+            if network.residual:
+                # The untrained model predicts its input: every fill's baseline, exactly.
+                nn.init.zeros_(network.heads.weight)
 
     @property
     def blocks(self) -> list[Block]:

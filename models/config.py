@@ -160,6 +160,12 @@ class ModelConfig(_Schema):
         description="Network layout. 1 is the former single transformer over stacked channels, "
         "which this code reads from old configs but cannot build.",
     )
+    residual: bool = Field(
+        default=False,
+        description="Predict the increment to the input: each member is the field's input plus the "
+        "network's output, so a masked token starts from its fill (see masking.forecast_fill, "
+        "masking.interpolation_fill and masking.coarsen_upsampling).",
+    )
     downscaling_head: int | None = Field(
         default=None,
         ge=2,
@@ -276,15 +282,17 @@ class StrategyWeights(_Schema):
 
 
 class FillProportions(_Schema):
-    """Proportions in which BERT-masked tokens are zeroed, replaced by noise or coarsened."""
+    """Proportions of the fills that BERT-masked tokens draw from (see `models.masking.corrupt`)."""
 
     zero: float = Field(default=0.4, ge=0)
     noise: float = Field(default=0.2, ge=0)
     coarsen: float = Field(default=0.4, ge=0)
+    persistence: float = Field(default=0.0, ge=0)
+    linear: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _check_total(self) -> FillProportions:
-        if self.zero + self.noise + self.coarsen <= 0:
+        if self.zero + self.noise + self.coarsen + self.persistence + self.linear <= 0:
             raise ValueError("masking.bert_fill proportions are all zero: give one a positive value")
         return self
 
@@ -305,6 +313,21 @@ class MaskingConfig(_Schema):
     bert_fill: FillProportions = Field(default_factory=FillProportions)
     coarsen_factor: int = Field(
         default=4, ge=1, description="Block size in grid points for coarsened tokens and downscaling."
+    )
+    forecast_fill: Literal["zero", "noise", "persistence"] = Field(
+        default="zero",
+        description="Content of the masked time tokens of the forecast and causal strategies: zeros, "
+        "noise, or the last visible step repeated (persistence).",
+    )
+    interpolation_fill: Literal["zero", "noise", "persistence", "linear"] = Field(
+        default="zero",
+        description="Content of the masked time tokens of the interpolation strategy: zeros, noise, "
+        "the last visible step, or linear interpolation in time between the visible steps around the gap.",
+    )
+    coarsen_upsampling: Literal["repeat", "bilinear", "bicubic"] = Field(
+        default="repeat",
+        description="How coarsened tokens return to the fine grid: each block average repeated over its "
+        "block, or bilinear or bicubic interpolation between block centres.",
     )
 
 

@@ -7,20 +7,32 @@ per batch and applied to every field with the same random choices, so all fields
 same time tokens. The strategies are:
 
 - `bert`: a random subset of tokens per sample and field, at a rate drawn per sample
-  uniformly from (0, bert_max_rate]. Masked tokens are zeroed, replaced by standard
-  normal noise, or replaced by their coarsened version, in the proportions of
-  `MaskingConfig.bert_fill`.
-- `forecast`: the last `forecast_tokens` time tokens, all levels and grid cells, zeroed.
+  uniformly from (0, bert_max_rate]. Each masked token draws its fill from the
+  proportions of `MaskingConfig.bert_fill`.
+- `forecast`: the last `forecast_tokens` time tokens, all levels and grid cells, filled
+  with `MaskingConfig.forecast_fill`.
 - `interpolation`: a run of time tokens that never includes the first or the last time
-  token, all levels and grid cells, zeroed.
+  token, all levels and grid cells, filled with `MaskingConfig.interpolation_fill`.
 - `downscaling`: every token masked and replaced by its coarsened version, so the model
   reconstructs the full-resolution field from a block-averaged one.
-- `causal`: every time token from a drawn time token k in [1, nT - 1] on, zeroed, so the
-  model predicts everything after time token k - 1 from what precedes it, as GPT-style
-  training does.
+- `causal`: every time token from a drawn time token k in [1, nT - 1] on, filled with
+  `MaskingConfig.forecast_fill`, so the model predicts everything after time token k - 1
+  from what precedes it, as GPT-style training does.
 
-Fields are normalised, so zero is the climatological mean and unit-variance noise has the
-scale of the data.
+The fills (`FILLS`) are:
+
+- `zero`: zeros. Fields are normalised, so zero is the climatological mean.
+- `noise`: standard normal noise, which has the scale of the data.
+- `coarsen`: the averages of `coarsen_factor` x `coarsen_factor` blocks of grid points,
+  brought back to the fine grid as `MaskingConfig.coarsen_upsampling` says.
+- `persistence`: at each grid point, the value of the last visible time step before the
+  masked one (the first visible one after it where none precedes it).
+- `linear`: at each grid point, linear interpolation in time between the nearest visible
+  steps before and after the masked one, or persistence where only one side has one.
+
+The last three give the model the baselines of downscaling, forecasting and temporal
+interpolation as its starting point; with `ModelConfig.residual` it then predicts only
+the correction to them. A point with no visible step at all gets zero.
 """
 
 from __future__ import annotations
@@ -29,13 +41,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from models.config import MaskingConfig
 from models.tokens import expand_token_mask
 
 STRATEGIES = ("bert", "forecast", "interpolation", "downscaling", "causal")
-FILLS = ("zero", "noise", "coarsen")
+FILLS = ("zero", "noise", "coarsen", "persistence", "linear")
+UPSAMPLING = ("repeat", "bilinear", "bicubic")
 
 
 @dataclass(frozen=True)
@@ -134,18 +148,59 @@ def causal_mask(batch: int, channels: int, grid_tokens: tuple[int, int, int], fi
     return mask
 
 
-def coarsen(x: Tensor, factor: int) -> Tensor:
-    """Average `factor x factor` blocks of grid points and repeat each average over its block.
+def coarsen(x: Tensor, factor: int, upsampling: str = "repeat") -> Tensor:
+    """Average `factor x factor` blocks of grid points and bring the averages back to the grid.
 
-    x: [..., H, W] -> same shape. H and W must be multiples of `factor`. With tokens whose
-    spatial size is a multiple of `factor`, coarsening the field equals coarsening each token.
+    x: [..., H, W] -> same shape. H and W must be multiples of `factor`. With `upsampling`
+    "repeat" each average is repeated over its block; with tokens whose spatial size is a
+    multiple of `factor`, coarsening the field then equals coarsening each token. With
+    "bilinear" or "bicubic" the averages sit at their block centres and are interpolated
+    between them (`torch.nn.functional.interpolate`, align_corners=False), as the
+    downscaling baselines of `tasks.baselines` do.
     """
+    if upsampling not in UPSAMPLING:
+        raise ValueError(f"unknown coarsen upsampling {upsampling!r}: use one of {UPSAMPLING}")
     *leading, height, width = x.shape
     if height % factor or width % factor:
         raise ValueError(f"grid {height} x {width} is not divisible by the coarsening factor {factor}")
     blocks = x.reshape(*leading, height // factor, factor, width // factor, factor)
     means = blocks.mean(dim=(-3, -1))
-    return means.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    if upsampling == "repeat":
+        return means.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    images = means.reshape(-1, 1, height // factor, width // factor)
+    upsampled = F.interpolate(images, size=(height, width), mode=upsampling, align_corners=False)
+    return upsampled.reshape(x.shape)
+
+
+def fill_in_time(x: Tensor, point_mask: Tensor, mode: str) -> Tensor:
+    """Fill masked points from the visible time steps at the same grid point.
+
+    x: [B, C, T, H, W]; point_mask: [B, C, T, H, W] bool, True = masked. `mode` is
+    "persistence" (the last visible step before, else the first one after) or "linear"
+    (linear in time between the nearest visible steps before and after, else
+    persistence). Points with no visible step get zero. Returns a tensor shaped like x
+    whose values at visible points are x's.
+    """
+    if mode not in ("persistence", "linear"):
+        raise ValueError(f"unknown time fill {mode!r}: use 'persistence' or 'linear'")
+    steps = x.shape[2]
+    time = torch.arange(steps, device=x.device).view(1, 1, steps, 1, 1).expand(x.shape)
+    visible = ~point_mask
+    # Index of the nearest visible step at or before (after) each step, -1 (steps) where none.
+    before = torch.where(visible, time, torch.full_like(time, -1)).cummax(dim=2).values
+    after = torch.where(visible, time, torch.full_like(time, steps)).flip(2).cummin(dim=2).values.flip(2)
+    has_before, has_after = before >= 0, after < steps
+    value_before = x.gather(2, before.clamp(min=0))
+    value_after = x.gather(2, after.clamp(max=steps - 1))
+
+    zeros = torch.zeros_like(x)
+    filled = torch.where(has_before, value_before, torch.where(has_after, value_after, zeros))
+    if mode == "linear":
+        both = has_before & has_after
+        span = (after - before).clamp(min=1).to(x.dtype)
+        weight = (time - before).to(x.dtype) / span
+        filled = torch.where(both, value_before + weight * (value_after - value_before), filled)
+    return filled
 
 
 def _fill_codes(
@@ -174,14 +229,16 @@ def corrupt(
     fill: str | Mapping[str, float] = "zero",
     coarsen_factor: int = 4,
     generator: torch.Generator | None = None,
+    upsampling: str = "repeat",
 ) -> Tensor:
     """Build the model input by replacing the content of masked tokens.
 
     x: [B, C, T, H, W] normalised field.
     mask: [B, C, nT, nH, nW] bool.
-    `fill` is "zero", "noise" (standard normal) or "coarsen" for every masked token, or a
-    mapping of proportions such as {"zero": 0.4, "noise": 0.2, "coarsen": 0.4} from which
-    each masked token draws its own fill. Unmasked tokens are returned unchanged.
+    `fill` is one of `FILLS` for every masked token, or a mapping of proportions such as
+    {"zero": 0.4, "noise": 0.2, "coarsen": 0.4} from which each masked token draws its own
+    fill. The time fills read only visible tokens. `upsampling` is the coarsen fill's
+    `coarsen` mode. Unmasked tokens are returned unchanged.
     Returns [B, C, T, H, W] on the device of `x`.
     """
     codes = _fill_codes(mask, fill, generator).to(x.device)
@@ -189,18 +246,20 @@ def corrupt(
     point_codes = expand_token_mask(codes, token_shape)
 
     result = x.clone()
-    zero_points = point_mask & (point_codes == FILLS.index("zero"))
-    result[zero_points] = 0.0
-
-    noise_points = point_mask & (point_codes == FILLS.index("noise"))
-    if bool(noise_points.any()):
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        result[noise_points] = noise[noise_points]
-
-    coarse_points = point_mask & (point_codes == FILLS.index("coarsen"))
-    if bool(coarse_points.any()):
-        coarse = coarsen(x, coarsen_factor)
-        result[coarse_points] = coarse[coarse_points]
+    for code, name in enumerate(FILLS):
+        points = point_mask & (point_codes == code)
+        if not bool(points.any()):
+            continue
+        if name == "zero":
+            result[points] = 0.0
+            continue
+        if name == "noise":
+            values = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        elif name == "coarsen":
+            values = coarsen(x, coarsen_factor, upsampling)
+        else:
+            values = fill_in_time(x, point_mask, name)
+        result[points] = values[points]
     return result
 
 
@@ -254,11 +313,15 @@ def sample_mask(
         gaps = config.interpolation_tokens
         gap = gaps[_draw_int(0, len(gaps) - 1, generator)]
         start = _draw_int(1, n_time - 1 - gap, generator)
+        fill = config.interpolation_fill
     elif strategy == "causal":
         first_token = _draw_int(1, n_time - 1, generator)
+        fill = config.forecast_fill
     elif strategy == "downscaling":
         fill = "coarsen"
-    elif strategy != "forecast":
+    elif strategy == "forecast":
+        fill = config.forecast_fill
+    else:
         raise ValueError(f"unknown masking strategy {strategy!r}: use one of {STRATEGIES}")
 
     inputs, masks = {}, {}
@@ -274,6 +337,8 @@ def sample_mask(
             mask = causal_mask(batch, channels, grid, first_token)
         else:
             mask = downscaling_mask(batch, channels, grid)
-        inputs[name] = corrupt(x, mask, token_shapes[name], fill, config.coarsen_factor, generator)
+        inputs[name] = corrupt(
+            x, mask, token_shapes[name], fill, config.coarsen_factor, generator, config.coarsen_upsampling
+        )
         masks[name] = mask.to(x.device)
     return MaskedBatch(inputs=inputs, masks=masks, strategy=strategy)

@@ -8,16 +8,18 @@ masks every field of every sample the way training did (`models.masking`) and sc
 model's prediction of the masked steps, the ensemble mean, against two baselines computed
 from the same samples:
 
-- ``forecast``: the last ``masking.forecast_tokens`` time tokens are masked and zeroed.
-  Scored per lead time, in hours after the last visible step, against persistence of
-  that step and against the climatology at the valid time.
+- ``forecast``: the last ``masking.forecast_tokens`` time tokens are masked and filled
+  with ``masking.forecast_fill``. Scored per lead time, in hours after the last visible
+  step, against persistence of that step and against the climatology at the valid time.
 - ``interpolation``: for each gap length g in ``masking.interpolation_tokens``, a centred
-  run of g time tokens is masked and zeroed. Scored over all hidden steps against linear
-  and cubic interpolation in time from the visible steps on either side of the gap.
+  run of g time tokens is masked and filled with ``masking.interpolation_fill``. Scored
+  over all hidden steps against linear and cubic interpolation in time from the visible
+  steps on either side of the gap.
 - ``downscaling``: for each factor f in ``downscaling_factors`` (2 and 4 by default),
-  every token is masked and contains the block average over f x f grid points, repeated
-  over the block. Scored over the whole sample against bilinear and bicubic upsampling of
-  the same block averages, and by the power spectrum along longitude.
+  every token is masked and contains the block averages over f x f grid points, brought
+  back to the grid by ``masking.coarsen_upsampling``. Scored over the whole sample against
+  bilinear and bicubic upsampling of the same block averages, and by the power spectrum
+  along longitude.
 
 Every level of every field is scored as its own variable (``t2m``, ``u_850``). Scores are
 in physical units after denormalising with the dataset's statistics: global ones from
@@ -222,27 +224,32 @@ def _masked_input(
     """Build the model inputs and token masks of one case, per field.
 
     fields: name -> [B, L, T, H, W] normalised. Returns (inputs: name -> [B, L, T, H, W],
-    masks: name -> [B, L, nT, nH, nW]). Forecast and interpolation tokens are zeroed,
-    downscaling tokens coarsened by the case's factor.
+    masks: name -> [B, L, nT, nH, nW]). Forecast and interpolation tokens get the fills
+    that training used (`masking.forecast_fill`, `masking.interpolation_fill`; noise is
+    drawn from a fixed seed), downscaling tokens are coarsened by the case's factor.
     """
+    masking = config.masking
+    generator = torch.Generator().manual_seed(0)
     inputs, masks = {}, {}
     for field_config in config.model.fields:
         x = fields[field_config.name]
         batch, levels = x.shape[:2]
         grid = field_config.num_tokens
-        factor = config.masking.coarsen_factor
+        factor = masking.coarsen_factor
         if case.task == "forecast":
-            mask = forecast_mask(batch, levels, grid, config.masking.forecast_tokens)
-            fill = "zero"
+            mask = forecast_mask(batch, levels, grid, masking.forecast_tokens)
+            fill = masking.forecast_fill
         elif case.task == "interpolation":
             start = _gap_start(grid[0], case.gap_tokens)
             mask = interpolation_mask(batch, levels, grid, start, case.gap_tokens)
-            fill = "zero"
+            fill = masking.interpolation_fill
         else:
             mask = downscaling_mask(batch, levels, grid)
             fill = "coarsen"
             factor = case.factor
-        inputs[field_config.name] = corrupt(x, mask, field_config.token_shape, fill, factor)
+        inputs[field_config.name] = corrupt(
+            x, mask, field_config.token_shape, fill, factor, generator, masking.coarsen_upsampling
+        )
         masks[field_config.name] = mask.to(x.device)
     return inputs, masks
 

@@ -8,6 +8,7 @@ from models.masking import (
     coarsen,
     corrupt,
     downscaling_mask,
+    fill_in_time,
     forecast_mask,
     interpolation_mask,
     sample_mask,
@@ -363,3 +364,99 @@ def test_sample_mask_rejects_unequal_time_tokens():
 
     with pytest.raises(ValueError, match="same number of time tokens"):
         sample_mask(MaskingConfig(), fields, shapes, strategy="forecast")
+
+
+# Time fills and interpolated coarsening
+
+
+def ramp_in_time(batch=1, channels=1, steps=6, height=2, width=2):
+    """A field whose value at step t is 2 t + 1 at every grid point."""
+    values = torch.arange(steps, dtype=torch.float32) * 2 + 1
+    return values.view(1, 1, steps, 1, 1).expand(batch, channels, steps, height, width).clone()
+
+
+def test_fill_in_time_linear_and_persistence_by_hand():
+    x = ramp_in_time()
+    point_mask = torch.zeros(x.shape, dtype=torch.bool)
+    point_mask[:, :, 2:4] = True  # steps 2 and 3 hidden between visible steps 1 (3.0) and 4 (9.0)
+
+    linear = fill_in_time(x, point_mask, "linear")[0, 0, :, 0, 0]
+    persistence = fill_in_time(x, point_mask, "persistence")[0, 0, :, 0, 0]
+
+    assert linear.tolist() == [1.0, 3.0, 5.0, 7.0, 9.0, 11.0]
+    assert persistence.tolist() == [1.0, 3.0, 3.0, 3.0, 9.0, 11.0]
+
+
+def test_fill_in_time_edges_and_empty_points():
+    x = ramp_in_time(height=1, width=2)
+    point_mask = torch.zeros(x.shape, dtype=torch.bool)
+    point_mask[..., 0, :, 0] = True  # first step hidden at the first point: only later steps
+    point_mask[..., 4:, :, 0] = True  # last two steps hidden there too: only earlier steps
+    point_mask[..., :, :, 1] = True  # nothing visible at the second point
+
+    linear = fill_in_time(x, point_mask, "linear")[0, 0, :, 0]
+
+    assert linear[:, 0].tolist() == [3.0, 3.0, 5.0, 7.0, 7.0, 7.0]
+    assert linear[:, 1].tolist() == [0.0] * 6
+
+
+def test_fill_in_time_rejects_unknown_mode():
+    x = ramp_in_time()
+    with pytest.raises(ValueError, match="'cubic'"):
+        fill_in_time(x, torch.zeros(x.shape, dtype=torch.bool), "cubic")
+
+
+def test_corrupt_persistence_fill_of_forecast_tokens():
+    x = field(batch=2, channels=1)
+    mask = forecast_mask(2, 1, GRID, 2)
+
+    corrupted = corrupt(x, mask, TOKEN_SHAPE, "persistence")
+
+    # The last visible step is step 7 (time tokens of 2 steps, tokens 4 and 5 hidden).
+    assert torch.equal(corrupted[:, :, :8], x[:, :, :8])
+    assert torch.equal(corrupted[:, :, 8:], x[:, :, 7:8].expand(-1, -1, 4, -1, -1))
+
+
+def test_corrupt_linear_fill_matches_linear_baseline():
+    from tasks.baselines import linear_interpolation
+
+    x = field(batch=2, channels=1)
+    mask = interpolation_mask(2, 1, GRID, 2, 2)  # steps 4 to 7 hidden
+
+    corrupted = corrupt(x, mask, TOKEN_SHAPE, "linear")
+
+    expected = linear_interpolation(x[:, :, 3].numpy(), x[:, :, 8].numpy(), 4)
+    assert torch.allclose(corrupted[:, :, 4:8], torch.from_numpy(expected), atol=1e-6)
+    assert torch.equal(corrupted[:, :, :4], x[:, :, :4])
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_coarsen_interpolated_matches_upsampling_baseline(mode):
+    from tasks import baselines
+
+    x = field(batch=1, channels=2)
+
+    upsampled = coarsen(x, 4, mode)
+
+    upsample = baselines.bilinear_upsampling if mode == "bilinear" else baselines.bicubic_upsampling
+    expected = upsample(baselines.block_average(x.numpy(), 4), 4)
+    assert upsampled.shape == x.shape
+    assert torch.allclose(upsampled, torch.from_numpy(expected), atol=1e-5)
+
+
+def test_coarsen_rejects_unknown_upsampling():
+    with pytest.raises(ValueError, match="'nearest'"):
+        coarsen(field(batch=1), 4, "nearest")
+
+
+def test_sample_mask_uses_configured_time_fills():
+    config = MaskingConfig(
+        weights=StrategyWeights(bert=0, forecast=1, interpolation=0, downscaling=0, causal=0),
+        forecast_tokens=2,
+        forecast_fill="persistence",
+    )
+    x = field(batch=2, channels=1)
+
+    masked = sample_mask(config, {"t": x}, SHAPES, torch.Generator().manual_seed(0))
+
+    assert torch.equal(masked.inputs["t"][:, :, 8:], x[:, :, 7:8].expand(-1, -1, 4, -1, -1))

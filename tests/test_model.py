@@ -413,3 +413,30 @@ def test_version_1_checkpoint_names_changed_setting(tmp_path):
     current = ModelConfig.model_validate(migrated.model_dump() | {"architecture_version": 2})
     with pytest.raises(ValueError, match="model.architecture_version: checkpoint 1, config 2"):
         check_compatible(migrated, current, path)
+
+
+def test_residual_model_starts_from_its_input_and_learns_increments():
+    config = SMALL.model_copy(update={"residual": True})
+    model = AtmoRep(config)
+    fields, masks, time_features = inputs(config)
+
+    members = model(fields, masks, time_features)
+
+    # The heads start at zero, so every member is the input itself: the fill's baseline.
+    assert torch.equal(members["t2m"][:, 0], fields["t2m"])
+    target = fields["t2m"] + 1.0
+    loss = masked_mse(members["t2m"][:, 0], target, masks["t2m"], (2, 8, 8))
+    loss.backward()
+    assert float(model.fields["t2m"].heads.weight.grad.abs().sum()) > 0
+
+
+def test_plain_model_does_not_add_its_input():
+    model = AtmoRep(SMALL)
+    fields, masks, time_features = inputs(SMALL)
+    residual = AtmoRep(SMALL.model_copy(update={"residual": True}))
+    residual.load_state_dict(model.state_dict())
+
+    plain_members = model(fields, masks, time_features)["t2m"]
+    residual_members = residual(fields, masks, time_features)["t2m"]
+
+    assert torch.allclose(residual_members - plain_members, fields["t2m"][:, None], atol=1e-5)
