@@ -7,10 +7,10 @@ import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NONE
 
 from data_catalog import Catalog
 from data_catalog.workspace import DATA_MIRROR_ENV
+from flows.caching import IMAGENET_CACHE_POLICY, run_data_task
 from flows.common import DATA_RETRIES, stage_run
 from flows.params import IngestImagenetParams
 from tasks.imagenet import ingest_imagenet, save_image_grid
@@ -46,8 +46,10 @@ def resolve_image_source(source: str) -> Path:
     return folder
 
 
-# ingest_imagenet reuses a finished dataset by its recipe digest and resumes a partial one.
-ingest_folder = task(ingest_imagenet, name="ingest-imagenet", cache_policy=NONE, **DATA_RETRIES)
+# The cache key covers the recipe inputs and the digest of the folder's files (see
+# flows.caching). On a cache miss, ingest_imagenet still reuses a finished dataset by its
+# recipe digest and resumes a partial one.
+ingest_folder = task(ingest_imagenet, name="ingest-imagenet", cache_policy=IMAGENET_CACHE_POLICY, **DATA_RETRIES)
 
 
 @flow(name="ingest", flow_run_name="imagenet-{params.name}")
@@ -62,23 +64,27 @@ def ingest(params: IngestImagenetParams = IngestImagenetParams()) -> dict:
     folder = resolve_image_source(params.source)
     logger.info("Ingesting images of %s as %s", folder, params.name)
 
-    result = ingest_folder(
-        folder,
-        name=params.name,
+    result, cached = run_data_task(
+        ingest_folder,
+        Catalog(),
+        params.name,
+        source=folder,
         size=params.size,
         crop_fraction=params.crop_fraction,
         layout=params.layout,
         chunk_images=params.chunk_images,
         workers=params.workers,
-        catalog=Catalog(),
     )
     entry = result.entry
-    if result.reused:
+    reused = result.reused or cached
+    if cached:
+        logger.info("Dataset %s version %d taken from the Prefect cache of an earlier run", entry.name, entry.version)
+    elif result.reused:
         logger.info(
             "Dataset %s version %d with recipe digest %s exists already: reused",
             entry.name, entry.version, entry.digest[:12],
         )
-    if result.resumed_chunks:
+    if result.resumed_chunks and not cached:
         logger.info("Resumed after %d chunks written by an earlier run", result.resumed_chunks)
     for skipped in result.skipped:
         logger.warning("Skipped image %s: %s", skipped.path, skipped.error)
@@ -90,7 +96,8 @@ def ingest(params: IngestImagenetParams = IngestImagenetParams()) -> dict:
             grid = save_image_grid(result.zarr_path, Path(folder_name) / "images.png", count=GRID_IMAGES)
             client().log_artifact(run.run_id, str(grid), artifact_path="plots")
         log_metrics(run.run_id, _image_metrics(record))
-        log_metrics(run.run_id, {"reused": float(result.reused), "resumed_chunks": float(result.resumed_chunks)})
+        resumed_chunks = 0 if cached else result.resumed_chunks
+        log_metrics(run.run_id, {"reused": float(reused), "resumed_chunks": float(resumed_chunks)})
 
     summary = {key: value for key, value in record.items() if key != "classes"}
     return {**summary, "class_count": len(entry.classes), "run_id": run.run_id}

@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from data_catalog import Catalog, atmorep_home, fetch_sample
+from flows.caching import ERA5_CACHE_POLICY, run_data_task
 from flows.common import DATA_RETRIES, NETWORK_RETRIES, stage_run
 from flows.params import IngestEra5Params
 from tasks.append import append_era5
@@ -59,9 +60,9 @@ def resolve_sources(
 
 
 fetch_sources = task(resolve_sources, name="fetch-sources", **NETWORK_RETRIES)
-# Prefect's default cache key would pickle the opened datasets, and ingest_era5 already
-# reuses a dataset by its digest.
-ingest_files = task(ingest_era5, name="ingest-era5", cache_policy=NONE, **DATA_RETRIES)
+# The cache key covers the recipe inputs and the sha256 of each source (see flows.caching).
+ingest_files = task(ingest_era5, name="ingest-era5", cache_policy=ERA5_CACHE_POLICY, **DATA_RETRIES)
+# Appending adds the time steps that the dataset lacks, so a result is never reused.
 append_files = task(append_era5, name="append-era5", cache_policy=NONE, **DATA_RETRIES)
 
 
@@ -77,17 +78,19 @@ def ingest(params: IngestEra5Params = IngestEra5Params()) -> dict:
     sources = fetch_sources(params.sources, time_range=time_range)
     logger.info("Ingesting %d source(s) as %s", len(sources), params.name)
 
+    cached = False
     if params.append:
         result = append_files(sources, name=params.name, catalog=Catalog())
     else:
-        result = ingest_files(
-            sources,
-            name=params.name,
+        result, cached = run_data_task(
+            ingest_files,
+            Catalog(),
+            params.name,
+            sources=sources,
             train_period=params.train_period,
             test_period=params.test_period,
             variables=params.variables,
             time_chunk=params.time_chunk,
-            catalog=Catalog(),
             area=params.area,
             longitude_convention=params.longitude_convention,
             coarsen_factor=params.coarsen_factor,
@@ -97,7 +100,10 @@ def ingest(params: IngestEra5Params = IngestEra5Params()) -> dict:
             scheduler_address=params.scheduler_address,
         )
     entry = result.entry
-    if result.reused:
+    reused = result.reused or cached
+    if cached:
+        logger.info("Dataset %s version %d taken from the Prefect cache of an earlier run", entry.name, entry.version)
+    elif result.reused:
         logger.info(
             "Dataset %s version %d with recipe digest %s exists already: reused",
             entry.name, entry.version, entry.digest[:12],
@@ -107,7 +113,7 @@ def ingest(params: IngestEra5Params = IngestEra5Params()) -> dict:
         record = entry.model_dump(mode="json")
         log_json_artifact(run.run_id, record, "catalog_entry.json")
         log_metrics(run.run_id, _statistics_metrics(record["statistics"]))
-        log_metrics(run.run_id, {"reused": float(result.reused)})
+        log_metrics(run.run_id, {"reused": float(reused)})
 
     return {**record, "run_id": run.run_id}
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import sqlalchemy
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
@@ -72,11 +73,52 @@ def _is_local_store(uri: str) -> bool:
 
 
 def client() -> MlflowClient:
-    """Point the fluent API and a new client at `tracking_uri()`."""
+    """Point the fluent API and a new client at `tracking_uri()`, creating a new sqlite store first.
+
+    The registry URI is set with the tracking URI. `mlflow.set_registry_uri` also stores
+    it in this process's globals and in `MLFLOW_REGISTRY_URI`, and an `MlflowClient`
+    built with only `tracking_uri` takes its registry from there. So a caller that reads
+    models from another store must pass `registry_uri` as well.
+    """
     uri = tracking_uri()
+    initialise_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# sqlite stores that this process has opened through `initialise_sqlite_store`.
+_INITIALISED_STORES: set[str] = set()
+
+
+def initialise_sqlite_store(uri: str) -> None:
+    """Create the tables of the sqlite store at `uri` once, under a file lock beside the database.
+
+    MLflow 3.17 creates and migrates the tables of a new sqlite file when a process first
+    opens it, without a lock between processes. Two processes that open one new file at
+    the same time both run the migrations, and one of them fails, for example with
+    "duplicate column name: step". Holding `<database>.lock` while the first process opens
+    the store makes the others wait and then find the tables in place. Other URIs are left
+    to their server.
+    """
+    if uri in _INITIALISED_STORES or not uri.startswith("sqlite:"):
+        return
+    database = sqlalchemy.engine.make_url(uri).database
+    if not database or database == ":memory:":
+        return
+
+    path = Path(database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path.with_name(f"{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        # Opening the tracking and the registry store creates and checks their tables.
+        store = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        store.search_experiments(max_results=1)
+        store.search_registered_models(max_results=1)
+    finally:
+        os.close(descriptor)
+    _INITIALISED_STORES.add(uri)
 
 
 def ensure_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
