@@ -24,10 +24,11 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 WORK_POOL ?= atmorep-process
 
-.PHONY: help venv demo test test-fast bench ui deploy worker clean docker-check
+.PHONY: help venv demo skill test test-fast bench ui deploy worker clean docker-check
 
 help:
 	@echo "make demo    run ingest, pretraining, zero-shot evaluation and fine-tuning on the sample"
+	@echo "make skill   the pipeline with the skill preset (about 45 min on 2 cores): the skill table of docs/skill.md"
 	@echo "make test    run the test suite (needs ATMOREP_DATA_MIRROR or ../shared/data)"
 	@echo "make ui      serve the Prefect UI on :$(PREFECT_PORT) and the MLflow UI on :$(MLFLOW_PORT)"
 	@echo "make deploy  create the work pool and the deployments on the Prefect server of make ui"
@@ -45,6 +46,10 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(BIN)/atmorep pipeline
+
+# The skill table of docs/skill.md: longer training with hourly time tokens.
+skill: venv
+	$(BIN)/atmorep pipeline --preset skill
 
 test: venv
 	$(BIN)/pytest

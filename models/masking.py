@@ -24,15 +24,15 @@ The fills (`FILLS`) are:
 - `zero`: zeros. Fields are normalised, so zero is the climatological mean.
 - `noise`: standard normal noise, which has the scale of the data.
 - `coarsen`: the averages of `coarsen_factor` x `coarsen_factor` blocks of grid points,
-  brought back to the fine grid as `MaskingConfig.coarsen_upsampling` says.
+  brought back to the fine grid by `MaskingConfig.coarsen_upsampling`.
 - `persistence`: at each grid point, the value of the last visible time step before the
   masked one (the first visible one after it where none precedes it).
 - `linear`: at each grid point, linear interpolation in time between the nearest visible
   steps before and after the masked one, or persistence where only one side has one.
 
-The last three give the model the baselines of downscaling, forecasting and temporal
-interpolation as its starting point; with `ModelConfig.residual` it then predicts only
-the correction to them. A point with no visible step at all gets zero.
+The last three start the model from the baselines of downscaling, forecasting and
+temporal interpolation. With `ModelConfig.residual` the model then predicts only the
+correction to them. A point with no visible step at all gets zero.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def fill_in_time(x: Tensor, point_mask: Tensor, mode: str) -> Tensor:
     steps = x.shape[2]
     time = torch.arange(steps, device=x.device).view(1, 1, steps, 1, 1).expand(x.shape)
     visible = ~point_mask
-    # Index of the nearest visible step at or before (after) each step, -1 (steps) where none.
+    # Nearest visible step at or before each step (-1 where none), and at or after it (`steps` where none).
     before = torch.where(visible, time, torch.full_like(time, -1)).cummax(dim=2).values
     after = torch.where(visible, time, torch.full_like(time, steps)).flip(2).cummin(dim=2).values.flip(2)
     has_before, has_after = before >= 0, after < steps

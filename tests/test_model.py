@@ -57,6 +57,8 @@ def test_demo_preset_values():
     assert config.model.ensemble_size == 1
     assert config.train.dataset == "era5-t2m-uk-2019-03"
     assert config.masking.weights.downscaling == 0
+    assert config.model.residual
+    assert config.masking.forecast_fill == "persistence"
 
 
 def test_multifield_preset_values():
@@ -415,7 +417,7 @@ def test_version_1_checkpoint_names_changed_setting(tmp_path):
         check_compatible(migrated, current, path)
 
 
-def test_residual_model_starts_from_its_input_and_learns_increments():
+def test_residual_model_starts_at_input():
     config = SMALL.model_copy(update={"residual": True})
     model = AtmoRep(config)
     fields, masks, time_features = inputs(config)
