@@ -91,6 +91,21 @@ def torchrun_command(
     return command
 
 
+# Run by the launcher's Python before it becomes torchrun: Linux sends SIGTERM to torchrun
+# when the thread that started it dies, SIGKILL of the flow process included, so torchrun
+# stops its workers instead of training on beside a re-run. Inline code, not a module,
+# because `source_dir` may hold an older checkout without it.
+_EXEC_WITH_PARENT_DEATH_SIGNAL = """
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:
+    sys.exit(f"the flow process {parent} exited before training started")
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
 def launch_training(
     config: dict[str, Any],
     output_dir: Path,
@@ -109,6 +124,8 @@ def launch_training(
     metrics to `mlflow_run_id`. The training log goes to `output_dir/train.log` and to
     `run_logger`. Training resumes from `checkpoint.pt` when `output_dir` already contains
     one. `dataset_path` replaces the catalog entry `train.dataset` with a Zarr store.
+    torchrun runs in its own process group, which is stopped when this call is interrupted,
+    and on Linux it gets SIGTERM when the calling thread dies, even by SIGKILL.
     `source_dir` runs the `models` package of another checkout, such as an exported
     commit, instead of this one.
     """
@@ -139,7 +156,7 @@ def launch_training(
 
     with open(log_path, "a", encoding="utf-8") as log_file:
         process = subprocess.Popen(
-            command,
+            [sys.executable, "-c", _EXEC_WITH_PARENT_DEATH_SIGNAL, str(os.getpid()), *command[1:]],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -50,7 +50,7 @@ def evaluation_runs(uk_dataset, tmp_path_factory):  # noqa: F811
                 )
         return results
 
-    with pytest.MonkeyPatch.context() as patch, prefect_test_harness():
+    with pytest.MonkeyPatch.context() as patch, prefect_test_harness(server_startup_timeout=120):
         patch.setenv("ATMOREP_HOME", str(home))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         results = evaluate_seeds()

@@ -271,7 +271,7 @@ def test_finetune_flow_registers_each_task(pretrained, pl_home):
         {"task": "downscaling", "freeze": "encoders", "downscaling_factor": 2},
         {"task": "new-field", "new_field": "q", "new_field_levels": [850], "freeze": "all"},
     ]
-    with pytest.MonkeyPatch.context() as patch, prefect_test_harness():
+    with pytest.MonkeyPatch.context() as patch, prefect_test_harness(server_startup_timeout=120):
         patch.setenv("ATMOREP_HOME", str(pl_home))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         pretrain_run = start_stage_run("pretrain", dataset=PL_NAME)

@@ -42,7 +42,7 @@ TASK = "ingest-era5"
 def prefect_server(tmp_path_factory):
     """A temporary Prefect server for the module, with task results in a temporary folder."""
     results = tmp_path_factory.mktemp("prefect-results")
-    with prefect_test_harness(), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
+    with prefect_test_harness(server_startup_timeout=120), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
         yield results
 
 
