@@ -56,7 +56,7 @@ def test_demo_preset_values():
     assert config.model.sample_shape == (12, 32, 48)
     assert config.model.ensemble_size == 1
     assert config.train.dataset == "era5-t2m-uk-2019-03"
-    assert config.masking.weights.downscaling == 0
+    assert config.masking.weights.downscaling == 0.2
     assert config.model.residual
     assert config.masking.forecast_fill == "persistence"
 
