@@ -12,7 +12,7 @@ from data_catalog import Catalog
 from flows.common import stage_run
 from flows.params import EvaluateParams
 from models.checkpoint import load_model
-from tasks.evaluate import DEFAULT_DOWNSCALING_FACTORS, evaluate_zero_shot
+from tasks.evaluate import DEFAULT_DOWNSCALING_FACTORS, check_evaluation_inputs, evaluate_zero_shot
 from tasks.registry import download_checkpoint, resolve_model
 from tasks.reporting import log_evaluation
 
@@ -68,6 +68,10 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> dict:
     entry = catalog.get(params.dataset or config.train.dataset)
     dataset = catalog.open_dataset(entry.name)
 
+    check_evaluation_inputs(
+        config, dataset, downscaling_factors=params.downscaling_factors, map_time=params.map_time,
+        window_stride=params.window_stride,
+    )
     upstream = params.upstream_run_id or resolved.run_id
     with stage_run("evaluate", params, upstream_run_id=upstream, entry=entry, dataset_context="evaluation") as run:
         return evaluate_and_report(

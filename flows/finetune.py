@@ -9,6 +9,7 @@ from pathlib import Path
 
 import xarray as xr
 from prefect import flow, get_run_logger
+from pydantic import ValidationError
 
 from data_catalog import Catalog
 from flows.common import stage_run
@@ -24,7 +25,7 @@ from models.finetune import (
     state_shapes,
     summarise_names,
 )
-from tasks.evaluate import DEFAULT_DOWNSCALING_FACTORS
+from tasks.evaluate import DEFAULT_DOWNSCALING_FACTORS, check_evaluation_inputs
 from tasks.registry import resolve_model
 from tasks.tracking import TAG_INIT_RUN, client, log_json_artifact, log_params
 
@@ -39,6 +40,11 @@ TASK_MASKING = {
 def new_field_config(pretrained: RunConfig, params: FinetuneParams) -> FieldConfig:
     """Return the field that task new-field appends: the first pretrained field's token grid,
     cross-attending to every pretrained field."""
+    if params.new_field in pretrained.model.field_names:
+        raise ValueError(
+            f"new_field {params.new_field!r} is already in the pretrained model's fields "
+            f"{pretrained.model.field_names}: choose a variable the model does not have"
+        )
     template = pretrained.model.fields[0]
     return FieldConfig(
         name=params.new_field,
@@ -61,13 +67,19 @@ def finetune_config(pretrained: RunConfig, params: FinetuneParams) -> RunConfig:
             "finetune/atmorep fine-tunes AtmoRep models only"
         )
     factor = params.downscaling_factor or pretrained.masking.coarsen_factor
-    model = finetune_model_config(
-        pretrained.model,
-        params.task,
-        extra_time_tokens=params.extra_time_tokens,
-        downscaling_factor=factor,
-        new_field=new_field_config(pretrained, params) if params.task == "new-field" else None,
-    )
+    try:
+        model = finetune_model_config(
+            pretrained.model,
+            params.task,
+            extra_time_tokens=params.extra_time_tokens,
+            downscaling_factor=factor,
+            new_field=new_field_config(pretrained, params) if params.task == "new-field" else None,
+        )
+    except ValidationError as error:
+        problems = "; ".join(detail["msg"] for detail in error.errors())
+        raise ValueError(
+            f"task {params.task} cannot be built on model {params.model_uri}: {problems}"
+        ) from error
 
     tree = pretrained.model_dump(mode="json")
     tree["model"] = model.model_dump(mode="json")
@@ -157,6 +169,11 @@ def finetune(params: FinetuneParams = FinetuneParams()) -> dict:
     dataset = catalog.open_dataset(entry.name)
     if params.task == "new-field":
         check_new_field_data(dataset, params, entry.name)
+    factors = DEFAULT_DOWNSCALING_FACTORS
+    if params.task == "downscaling":
+        factors = tuple(sorted({*factors, config.model.downscaling_head}))
+    # The evaluation after training must fit too, for example a longer forecast window in a short test period.
+    check_evaluation_inputs(config, dataset, downscaling_factors=factors, window_stride=params.window_stride)
 
     upstream = params.upstream_run_id or resolved.run_id
     with stage_run("finetune", params, upstream_run_id=upstream, entry=entry) as run:
@@ -171,9 +188,6 @@ def finetune(params: FinetuneParams = FinetuneParams()) -> dict:
         )
 
         model, config = load_model(Path(trained["checkpoint"]))
-        factors = DEFAULT_DOWNSCALING_FACTORS
-        if params.task == "downscaling":
-            factors = tuple(sorted({*factors, config.model.downscaling_head}))
         scores = evaluate_and_report(
             run.run_id,
             model,

@@ -739,6 +739,40 @@ def _parse_map_time(map_time: str | None, period: tuple[str, str]) -> np.datetim
     return np.datetime64(chosen.to_datetime64(), "ns")
 
 
+def check_evaluation_inputs(
+    config: RunConfig,
+    ds: xr.Dataset,
+    period: tuple[str, str] | None = None,
+    tasks: Sequence[str] = TASKS,
+    downscaling_factors: Sequence[int] = DEFAULT_DOWNSCALING_FACTORS,
+    map_time: str | None = None,
+    window_stride: int = 6,
+) -> tuple[str, str]:
+    """Check, without reading the data, that `evaluate_zero_shot` can run with these settings.
+
+    Flows call this before they open an MLflow run or train, so a bad setting fails at
+    once. Returns the evaluation period. Raises ValueError for a missing test period, an
+    unknown task, a downscaling factor that does not divide the tokens, a map time outside
+    the period or a period without one complete window of the model's time steps.
+    """
+    if period is None:
+        if not ds.attrs.get("test_period"):
+            raise ValueError("dataset attrs have no 'test_period': pass period=(start, end)")
+        period = tuple(ds.attrs["test_period"])
+    if window_stride < 1:
+        raise ValueError(f"window_stride must be at least 1, got {window_stride}")
+    _cases(config, tasks, downscaling_factors)
+    _parse_map_time(map_time, period)
+    try:
+        FieldDataset(ds, config.model, period, time_stride=window_stride, random_crop=False, max_in_memory_bytes=0)
+    except ValueError as error:
+        raise ValueError(
+            f"cannot evaluate on the test period {tuple(period)}: {error}. A model with "
+            f"{config.model.sample_shape[0]} steps per window needs a longer test period, or fewer time tokens"
+        ) from error
+    return period
+
+
 def evaluate_zero_shot(
     model: nn.Module,
     config: RunConfig,

@@ -143,6 +143,37 @@ def test_forecast_config_longer_lead(pretrained):
     assert all(field.num_tokens[1:] == (2, 2) for field in config.model.fields)
 
 
+def test_new_field_already_in_model_rejected(pretrained):
+    _, base = pretrained
+
+    with pytest.raises(ValueError, match="new_field 'v' is already in the pretrained model's fields") as error:
+        finetune_config(base, FinetuneParams(task="new-field", new_field="v"))
+    assert "choose a variable" in str(error.value)
+
+
+def test_downscaling_factor_not_dividing_tokens_rejected(pretrained):
+    _, base = pretrained
+
+    with pytest.raises(ValueError, match="task downscaling cannot be built on model") as error:
+        finetune_config(base, FinetuneParams(task="downscaling", downscaling_factor=3))
+    assert "3" in str(error.value)
+
+
+def test_evaluation_window_checked_before_training(pretrained, home):
+    from data_catalog import Catalog
+    from tasks.evaluate import check_evaluation_inputs
+
+    _, base = pretrained
+    dataset = Catalog(home).open_dataset(PL_NAME)
+    fits = finetune_config(base, FinetuneParams(task="forecast", extra_time_tokens=1))
+    too_long = finetune_config(base, FinetuneParams(task="forecast", extra_time_tokens=4))
+
+    assert check_evaluation_inputs(fits, dataset) == ("2020-01-01T18:00:00", "2020-01-01T23:00:00")
+    with pytest.raises(ValueError, match="needs a longer test period") as error:
+        check_evaluation_inputs(too_long, dataset)
+    assert "no window of 7 consecutive hourly steps" in str(error.value)
+
+
 def test_downscaling_head_starts_as_pretrained(pretrained, home):
     checkpoint_path, base = pretrained
     config = finetune_config(base, FinetuneParams(task="downscaling"))
