@@ -100,10 +100,12 @@ def markdown_report(title: str, scores: xr.Dataset, plots: list[str] = ()) -> st
     plots: artifact paths relative to the report, such as ``plots/skill_forecast_rmse.png``.
     """
     attrs = scores.attrs
+    n_samples = attrs.get("n_samples", "?")
+    windows = "window" if n_samples == 1 else "windows"
     lines = [
         f"# {title}",
         "",
-        f"Test period {' to '.join(map(str, attrs.get('period', [])))}, {attrs.get('n_samples', '?')} windows, "
+        f"Test period {' to '.join(map(str, attrs.get('period', [])))}, {n_samples} {windows}, "
         f"climatology ({attrs.get('climatology_kind', '?')}) from the training period "
         f"{' to '.join(map(str, attrs.get('train_period', [])))}.",
         "Scores in physical units, weighted by the cosine of latitude; ACC is the uncentred anomaly correlation. "
