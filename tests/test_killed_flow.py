@@ -70,6 +70,14 @@ def start_training(home: Path, env: dict, seed: int) -> tuple[subprocess.Popen, 
     return process, new_folder()
 
 
+def command_line(process: psutil.Process) -> str:
+    """Return the process's command line, or "" once it has exited."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def stop_all(processes: list[psutil.Process]) -> None:
     for process in live(processes):
         process.kill()
@@ -80,7 +88,7 @@ def test_sigkill_of_flow_stops_training(ingested):
     home, env = ingested
     process, folder = start_training(home, env, seed=7)
     descendants = psutil.Process(process.pid).children(recursive=True)
-    training = [child for child in descendants if str(folder) in " ".join(child.cmdline())]
+    training = [child for child in descendants if str(folder) in command_line(child)]
     assert len(training) >= 2, f"expected torchrun and a worker training into {folder}, found {training}"
 
     os.kill(process.pid, signal.SIGKILL)
@@ -97,8 +105,8 @@ def test_sigterm_of_cli_stops_training_and_server(ingested):
     home, env = ingested
     process, folder = start_training(home, env, seed=8)
     descendants = psutil.Process(process.pid).children(recursive=True)
-    server = [child for child in descendants if "prefect" in " ".join(child.cmdline())]
-    assert server, f"no temporary Prefect server among the CLI's children: {[c.cmdline() for c in descendants]}"
+    server = [child for child in descendants if "prefect" in command_line(child)]
+    assert server, f"no temporary Prefect server among the CLI's children: {[command_line(c) for c in descendants]}"
 
     process.send_signal(signal.SIGTERM)
     try:

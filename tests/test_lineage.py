@@ -66,7 +66,12 @@ def resumed_home(tmp_path_factory, data_mirror):
         time.sleep(0.1)
     (first_dir,) = [path.parent for path in checkpoints.glob("*/checkpoint.pt")]
     for process in training_processes(str(first_dir)):
-        if "torch.distributed.run" in " ".join(process.cmdline()):
+        try:
+            command_line = " ".join(process.cmdline())
+        except psutil.Error:
+            # A worker of a process group killed earlier in this loop: exited, or a zombie.
+            continue
+        if "torch.distributed.run" in command_line:
             os.killpg(process.pid, signal.SIGKILL)
     output, _ = first.communicate(timeout=120)
     assert first.returncode == 1, output[-3000:]
