@@ -41,3 +41,18 @@ def data_mirror() -> Path:
 def uk_t2m_grib(data_mirror: Path) -> Path:
     """ERA5 hourly 2 m temperature over the UK, March 2019 (GRIB1, 744 x 33 x 49)."""
     return data_mirror / "era5" / "era5-2mt-2019-03-uk.grib"
+
+
+def reset_mlflow_uris(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clear MLflow's tracking and registry URIs for one test, and restore them after it.
+
+    `tasks.tracking.client()` stores the URIs in MLflow's module globals and in
+    MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI, where later tests would find them.
+    """
+    import mlflow
+
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(variable, "unset")
+        monkeypatch.delenv(variable)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import reset_mlflow_uris
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
@@ -130,16 +131,8 @@ def test_new_store_shared_by_two_processes(tmp_path):
 
 @pytest.fixture
 def store_home(tmp_path, monkeypatch):
-    """Return a new ATMOREP_HOME for a store opened in this process, and restore MLflow's URIs after the test.
-
-    `tasks.tracking.client()` stores the URIs in MLflow's module globals and in
-    MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI, where later tests would find them.
-    """
-    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.setenv(variable, "unset")
-        monkeypatch.delenv(variable)
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
-    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+    """Return a new ATMOREP_HOME for a store opened in this process, and restore MLflow's URIs after the test."""
+    reset_mlflow_uris(monkeypatch)
     monkeypatch.setenv("ATMOREP_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(registry, "REGISTER_RETRY_DELAY_S", 0.0)
     return tmp_path / "home"

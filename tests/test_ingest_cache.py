@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import eccodes
-import mlflow
 import pytest
+from conftest import reset_mlflow_uris
 from era5_direct import write_grib_where
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -48,16 +48,8 @@ def prefect_server(tmp_path_factory):
 
 @pytest.fixture
 def home(tmp_path, monkeypatch, data_mirror, prefect_server):
-    """Return a new ATMOREP_HOME, and restore MLflow's tracking and registry URIs after the test.
-
-    `tasks.tracking.client()` stores the URIs in MLflow's module globals and in
-    MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI, where later tests would find them.
-    """
-    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.setenv(variable, "unset")
-        monkeypatch.delenv(variable)
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
-    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+    """Return a new ATMOREP_HOME, and restore MLflow's tracking and registry URIs after the test."""
+    reset_mlflow_uris(monkeypatch)
     monkeypatch.setenv("ATMOREP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ATMOREP_DATA_MIRROR", str(data_mirror))
     return tmp_path / "home"

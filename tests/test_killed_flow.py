@@ -1,9 +1,8 @@
 """A pretraining flow process that is killed or terminated leaves no process behind.
 
 Each test starts `atmorep pretrain` for far more steps than it will run, waits for the
-first training step, then stops the flow process: with SIGKILL, after which torchrun and
-its workers must exit on their own, or with SIGTERM, after which the CLI must also stop
-its temporary Prefect server.
+first training step, then stops the flow process. After SIGKILL, torchrun and its workers
+must exit on their own. After SIGTERM, the CLI must also stop its temporary Prefect server.
 """
 
 import os
@@ -30,10 +29,10 @@ def ingested(tmp_path_factory, data_mirror):
     return home, env
 
 
-def wait_for(condition, what: str, timeout_s: float) -> None:
+def wait_for(condition, description: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {description}"
         time.sleep(1)
 
 
